@@ -1,0 +1,30 @@
+# make demo / make test / make bench: each builds .venv with what it needs when missing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: demo test bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.test-deps: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -e '.[test,examples]'
+	touch $@
+
+$(VENV)/.bench-deps: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -e '.[test,examples,bench]'
+	touch $@
+
+demo: $(VENV)/.test-deps
+	$(PY) examples/maxnorm_digits.py
+
+test: $(VENV)/.test-deps
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.bench-deps
+	$(PY) benchmarks/bench_maxnorm.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
