@@ -179,8 +179,8 @@ def check_scalar(
     """Validates a hyperparameter when its value is known (skipped for tracers)."""
     if not is_concrete(value):
         return
-    if np.ndim(value) != 0:
-        raise TypeError(f"{name}: {argname} must be a scalar, got shape {np.shape(value)}")
+    if isinstance(value, (str, bytes)) or np.ndim(value) != 0:
+        raise TypeError(f"{name}: {argname} must be a real scalar, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError) as e:

@@ -59,7 +59,10 @@ def _unit_band_transform(
     def update_fn(updates: PyTree, state: NormState, params: PyTree | None = None):
         del state
         if params is None:
-            raise ValueError(optax.NO_PARAMS_MSG)
+            raise ValueError(
+                f"{name}: update() needs params (call tx.update(updates, state, params)); "
+                "a projection acts on params + updates"
+            )
         treedef, leaves, axes = selected_leaves(params)
         flat_updates = treedef.flatten_up_to(updates)
         out, largest, smallest, frac = [], {}, {}, {}

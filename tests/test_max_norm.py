@@ -1,0 +1,148 @@
+"""The max-norm family against float64 closed forms, over shapes, dtypes and jit/device variants."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl.testing import parameterized
+from conftest import np_band, np_unit_norms
+
+import normjax as nj
+
+# name -> (shape, default unit axes for axis=None); embeddings are constrained per row with axis=-1.
+SHAPES = {
+    "dense": ((12, 7), (0,)),
+    "conv1d": ((3, 5, 6), (0, 1)),
+    "conv2d": ((3, 3, 4, 6), (0, 1, 2)),
+    "conv3d": ((2, 3, 3, 2, 5), (0, 1, 2, 3)),
+}
+TOL = {jnp.float32: 1e-6, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
+
+
+def _data(shape, dtype, seed=0, scale=2.0):
+    """Random weights whose units straddle the bounds used below: some inside, some outside."""
+    rng = np.random.default_rng(seed)
+    fan_in = int(np.prod(shape[:-1]))
+    x = rng.normal(size=shape) * rng.uniform(0.05, scale, size=shape[-1:]) / np.sqrt(fan_in)
+    return jnp.asarray(x, dtype)
+
+
+class ClosedFormTest(parameterized.TestCase):
+    @parameterized.product(shape=list(SHAPES), dtype=[jnp.float32, jnp.bfloat16, jnp.float16])
+    def test_project_max_norm(self, shape, dtype):
+        shape, axes = SHAPES[shape]
+        w = _data(shape, dtype)
+        c = 1.0
+        out = nj.project_max_norm({"k": w}, c)["k"]
+        self.assertEqual(out.dtype, w.dtype)
+        chex.assert_trees_all_close(
+            np.asarray(out, np.float64), np_band(w, axes, None, c), rtol=TOL[dtype], atol=TOL[dtype]
+        )
+        n_in, n_out = np_unit_norms(w, axes), np_unit_norms(out, axes)
+        self.assertTrue(np.all(n_out <= c * (1 + 4 * TOL[dtype])))
+        inside = np.broadcast_to(n_in < c, w.shape)
+        np.testing.assert_array_equal(np.asarray(out)[inside], np.asarray(w)[inside])
+        self.assertTrue(inside.any() and not inside.all())
+
+    @parameterized.product(shape=list(SHAPES), dtype=[jnp.float32, jnp.bfloat16])
+    def test_project_unit_and_min_max(self, shape, dtype):
+        shape, axes = SHAPES[shape]
+        w = _data(shape, dtype, seed=1)
+        tol = TOL[dtype]
+        unit = nj.project_unit_norm({"k": w})["k"]
+        chex.assert_trees_all_close(np.asarray(unit, np.float64), np_band(w, axes, 1.0, 1.0), rtol=tol, atol=tol)
+        np.testing.assert_allclose(np_unit_norms(unit, axes), 1.0, rtol=4 * tol)
+        for rate in (1.0, 0.3):
+            mm = nj.project_min_max_norm({"k": w}, 0.5, 1.5, rate=rate)["k"]
+            self.assertEqual(mm.dtype, w.dtype)
+            chex.assert_trees_all_close(
+                np.asarray(mm, np.float64), np_band(w, axes, 0.5, 1.5, rate), rtol=tol, atol=tol
+            )
+
+    def test_embedding_rows_like_torch(self):
+        # torch.nn.Embedding(max_norm=c) renormalises each looked-up row to norm <= c.
+        table = jnp.asarray(np.random.default_rng(2).normal(size=(30, 8)) * 0.4, jnp.float32)
+        out = nj.project_max_norm({"embed": {"embedding": table}}, 1.0, axis=-1)["embed"]["embedding"]
+        rows = np.linalg.norm(np.asarray(table, np.float64), axis=1)
+        np.testing.assert_allclose(np.linalg.norm(np.asarray(out, np.float64), axis=1), np.minimum(rows, 1.0), rtol=1e-6)
+        self.assertTrue(0 < np.mean(rows < 1) < 1)
+        np.testing.assert_array_equal(np.asarray(out)[rows < 1], np.asarray(table)[rows < 1])
+
+    def test_keras_conv_axis_default_is_wrong_slices(self):
+        # Keras's MaxNorm(axis=0) on a (h, w, in, out) kernel bounds vectors along the kernel's
+        # height; our default bounds each output filter's whole fan-in, as Keras's docs advise.
+        w = _data((3, 3, 4, 6), jnp.float32, seed=3, scale=4.0)
+        ours = nj.project_max_norm({"k": w}, 1.0)["k"]
+        keras_default = nj.project_max_norm({"k": w}, 1.0, axis=0)["k"]
+        keras_advised = nj.project_max_norm({"k": w}, 1.0, axis=[0, 1, 2])["k"]
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(keras_advised))
+        self.assertGreater(np.max(np_unit_norms(keras_default, (0, 1, 2))), 1.5)
+
+    def test_float64(self):
+        with jax.enable_x64(True):
+            w = jnp.asarray(np.random.default_rng(4).normal(size=(9, 5)) * 2, jnp.float64)
+            out = nj.project_max_norm({"k": w}, 1.0)["k"]
+            self.assertEqual(out.dtype, jnp.float64)
+            np.testing.assert_allclose(np.asarray(out), np_band(w, (0,), None, 1.0), rtol=1e-13)
+
+
+class VariantsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True, with_device=True)
+    def test_projection_variants(self):
+        w = _data((10, 6), jnp.float32, seed=5)
+        fn = self.variant(lambda p: nj.project_max_norm(p, 1.0))
+        out = fn({"k": w, "b": jnp.ones(6)})
+        chex.assert_trees_all_close(np.asarray(out["k"], np.float64), np_band(w, (0,), None, 1.0), rtol=1e-6)
+        np.testing.assert_array_equal(out["b"], np.ones(6))
+
+    @chex.variants(with_jit=True, without_jit=True, with_device=True)
+    def test_transform_variants(self):
+        params = {"k": _data((10, 6), jnp.float32, seed=6, scale=0.5), "b": jnp.zeros(6)}
+        grads = jax.tree.map(lambda x: jnp.ones_like(x) * 0.3, params)
+        tx = optax.chain(optax.sgd(1.0), nj.max_norm(1.0))
+        state = tx.init(params)
+
+        @self.variant
+        def step(params, state):
+            u, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, u), state
+
+        new, state = step(params, state)
+        want = np_band(np.asarray(params["k"]) - 0.3, (0,), None, 1.0)
+        chex.assert_trees_all_close(np.asarray(new["k"], np.float64), want, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(new["b"], params["b"] - 0.3)
+
+
+class ZeroAndGradTest(parameterized.TestCase):
+    @parameterized.parameters("max", "unit", "minmax")
+    def test_zero_units_stay_zero_with_finite_grads(self, kind):
+        w = jnp.zeros((4, 3)).at[:, 0].set(jnp.array([3.0, 0.0, 4.0, 0.0]))
+        proj = {
+            "max": lambda p: nj.project_max_norm(p, 1.0),
+            "unit": nj.project_unit_norm,
+            "minmax": lambda p: nj.project_min_max_norm(p, 0.5, 2.0),
+        }[kind]
+        out = proj({"k": w})["k"]
+        np.testing.assert_array_equal(out[:, 1:], 0.0)
+        g = jax.grad(lambda x: jnp.sum(proj({"k": x})["k"] ** 2))(w)
+        self.assertTrue(bool(jnp.all(jnp.isfinite(g))))
+        # an all-zero tensor too
+        g0 = jax.grad(lambda x: jnp.sum(proj({"k": x})["k"]))(jnp.zeros((4, 3)))
+        self.assertTrue(bool(jnp.all(jnp.isfinite(g0))))
+
+    def test_grad_matches_finite_differences(self):
+        w = _data((5, 3), jnp.float32, seed=7)
+        f = lambda x: jnp.sum(jnp.sin(nj.project_max_norm({"k": x}, 1.0)["k"]))
+        with jax.enable_x64(True):
+            w64 = jnp.asarray(w, jnp.float64)
+            g = jax.grad(f)(w64)
+            v = jnp.asarray(np.random.default_rng(8).normal(size=w.shape))
+            eps = 1e-6
+            fd = (f(w64 + eps * v) - f(w64 - eps * v)) / (2 * eps)
+            np.testing.assert_allclose(float(jnp.vdot(g, v)), float(fd), rtol=1e-6)
+
+
+if __name__ == "__main__":
+    pytest.main([__file__])
