@@ -5,22 +5,55 @@ Every constraint exists as a pure, jit-able projection over a parameter pytree
 ``optax.chain(optimizer, ...)``.
 """
 
-from normjax._norms import band_project, unit_norms
-from normjax._project import project_max_norm, project_min_max_norm, project_unit_norm
-from normjax._select import path_str
-from normjax._transforms import NormState, max_norm, min_max_norm, unit_norm
+from normjax._norms import (
+    band_project,
+    clip_singular_values,
+    init_power_vector,
+    sigma_gram,
+    sigma_power,
+    sigma_svd,
+    unit_norms,
+)
+from normjax._project import (
+    lipschitz_bound,
+    project_max_norm,
+    project_min_max_norm,
+    project_spectral_norm,
+    project_unit_norm,
+    spectral_norms,
+)
+from normjax._select import MatrixDims, path_str
+from normjax._transforms import (
+    NormState,
+    SpectralNormState,
+    max_norm,
+    min_max_norm,
+    spectral_norm,
+    unit_norm,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MatrixDims",
     "NormState",
+    "SpectralNormState",
     "band_project",
+    "clip_singular_values",
+    "init_power_vector",
+    "lipschitz_bound",
     "max_norm",
     "min_max_norm",
     "path_str",
     "project_max_norm",
     "project_min_max_norm",
+    "project_spectral_norm",
     "project_unit_norm",
+    "sigma_gram",
+    "sigma_power",
+    "sigma_svd",
+    "spectral_norm",
+    "spectral_norms",
     "unit_norm",
     "unit_norms",
 ]

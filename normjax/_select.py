@@ -193,3 +193,85 @@ def check_scalar(
         raise ValueError(f"{name}: {argname} must be >= 0, got {v}")
     if unit_interval and not 0.0 <= v <= 1.0:
         raise ValueError(f"{name}: {argname} must lie in [0, 1], got {v}")
+
+
+class MatrixDims(NamedTuple):
+    """Which axes of an N-d leaf form the rows and the columns of its matrix.
+
+    Every axis in neither is a batch axis: each batch index is its own matrix with its own
+    sigma (layers stacked for ``scan``, attention heads). Negative axes count from the end;
+    the order of axes within ``in_axes`` or ``out_axes`` does not change any singular value.
+
+    >>> MatrixDims(in_axes=-2, out_axes=-1)                 # (L, in, out): one sigma per layer
+    MatrixDims(in_axes=-2, out_axes=-1)
+    >>> MatrixDims(in_axes=0, out_axes=(1, 2))              # (d_model, heads, head_dim) as one matrix
+    MatrixDims(in_axes=0, out_axes=(1, 2))
+    """
+
+    in_axes: int | Sequence[int]
+    out_axes: int | Sequence[int]
+
+
+Dims: TypeAlias = None | MatrixDims | Callable[[str, Any], "MatrixDims | None"]
+"""Matrix view: ``None`` (rows = all axes but the last, columns = the last), a
+:class:`MatrixDims`, or a callable ``(path, leaf) -> MatrixDims | None`` per leaf."""
+
+
+class ResolvedDims(NamedTuple):
+    """A validated matrix view of one leaf: sorted non-negative axes."""
+
+    batch: tuple[int, ...]
+    rows: tuple[int, ...]
+    cols: tuple[int, ...]
+
+
+def resolve_dims(dims: Dims, path: str, leaf: Any, name: str) -> ResolvedDims:
+    """Validates ``dims=`` for one leaf.
+
+    >>> import numpy as np
+    >>> resolve_dims(None, "conv/kernel", np.zeros((3, 3, 4, 8)), "spectral_norm")
+    ResolvedDims(batch=(), rows=(0, 1, 2), cols=(3,))
+    >>> resolve_dims(MatrixDims(-2, -1), "stack/kernel", np.zeros((6, 4, 8)), "spectral_norm")
+    ResolvedDims(batch=(0,), rows=(1,), cols=(2,))
+    """
+    ndim, shape = np.ndim(leaf), np.shape(leaf)
+    if callable(dims) and not isinstance(dims, MatrixDims):
+        dims = dims(path, leaf)
+    if dims is None:
+        if ndim < 2:
+            raise ValueError(
+                f"{name}: leaf {path!r} has shape {shape}; a matrix view needs ndim >= 2 "
+                f"(pass dims=MatrixDims(...) or leave this leaf out with where=)"
+            )
+        return ResolvedDims((), tuple(range(ndim - 1)), (ndim - 1,))
+    if not isinstance(dims, MatrixDims):
+        raise TypeError(f"{name}: dims= must be None, a MatrixDims or a callable, got {dims!r} for leaf {path!r}")
+
+    def norm(axes, which):
+        axes = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+        out = []
+        for a in axes:
+            if not isinstance(a, (int, np.integer)) or isinstance(a, bool):
+                raise TypeError(f"{name}: MatrixDims.{which} must hold ints, got {a!r} for leaf {path!r}")
+            if not -ndim <= a < ndim:
+                raise ValueError(
+                    f"{name}: MatrixDims.{which} axis {a} is out of range for leaf {path!r} of shape {shape}"
+                )
+            out.append(int(a) % ndim)
+        if not out:
+            raise ValueError(
+                f"{name}: {dims} leaves no {'row' if which == 'in_axes' else 'column'} axis for leaf {path!r}; "
+                f"in_axes and out_axes must each name at least one axis"
+            )
+        if len(set(out)) != len(out):
+            raise ValueError(f"{name}: MatrixDims.{which} repeats an axis for leaf {path!r}")
+        return tuple(sorted(out))
+
+    rows, cols = norm(dims.in_axes, "in_axes"), norm(dims.out_axes, "out_axes")
+    if set(rows) & set(cols):
+        raise ValueError(
+            f"{name}: {dims} overlaps: axes {sorted(set(rows) & set(cols))} are both rows and columns "
+            f"for leaf {path!r} of shape {shape}"
+        )
+    batch = tuple(a for a in range(ndim) if a not in rows and a not in cols)
+    return ResolvedDims(batch, rows, cols)

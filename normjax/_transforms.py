@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from normjax._norms import band_project
-from normjax._project import _check_min_max
-from normjax._select import Axis, PyTree, Where, check_scalar, resolve_axes, select
+import numpy as np
+
+from normjax._norms import band_project, init_power_vector, sigma_gram, sigma_power
+from normjax._project import _check_min_max, check_mode, project_spectral_leaf
+from normjax._select import Axis, Dims, PyTree, Where, check_scalar, resolve_axes, resolve_dims, select
 
 
 class NormState(NamedTuple):
@@ -41,43 +44,66 @@ def _stats(n: jax.Array, moved: jax.Array) -> tuple[jax.Array, jax.Array, jax.Ar
     return jnp.max(n).astype(f32), jnp.min(n).astype(f32), jnp.mean(moved.astype(f32))
 
 
+def _selected(params: PyTree, where: Where, name: str, resolve: Callable[[str, Any], Any]):
+    """Flattens params; resolves (and so validates) the per-leaf spec of every selected leaf."""
+    treedef, leaves = select(params, where, name)
+    return treedef, [(leaf, resolve(leaf.path, leaf.value) if leaf.selected else None) for leaf in leaves]
+
+
+def _project_updates(
+    updates: PyTree,
+    params: PyTree | None,
+    where: Where,
+    name: str,
+    resolve: Callable[[str, Any], Any],
+    project_leaf: Callable[[str, jax.Array, Any], tuple[jax.Array, jax.Array, Any]],
+) -> tuple[PyTree, dict[str, Any]]:
+    """The shared update path: ``w = params + updates``, projected, turned back into updates.
+
+    ``project_leaf(path, w, spec) -> (w_new, moved, aux)`` with ``moved`` broadcastable to
+    ``w``. Where nothing moved the incoming update is returned bit for bit, so
+    ``params + update`` is exactly what the optimizer alone would give; unselected leaves and
+    ``None`` updates pass through untouched. Returns the updates and ``{path: aux}``.
+    """
+    if params is None:
+        raise ValueError(
+            f"{name}: update() needs params (call tx.update(updates, state, params)); "
+            "a projection acts on params + updates"
+        )
+    treedef, leaves = _selected(params, where, name, resolve)
+    out, aux = [], {}
+    for (leaf, spec), u in zip(leaves, treedef.flatten_up_to(updates)):
+        if spec is None or u is None:
+            out.append(u)
+            continue
+        p, u = jnp.asarray(leaf.value), jnp.asarray(u)
+        w_new, moved, aux[leaf.path] = project_leaf(leaf.path, p + u.astype(p.dtype), spec)
+        out.append(jnp.where(moved, (w_new - p).astype(u.dtype), u))
+    return treedef.unflatten(out), aux
+
+
 def _unit_band_transform(
     name: str, min_value: Any, max_value: Any, rate: Any, axis: Axis, where: Where
 ) -> optax.GradientTransformation:
     """Projected-gradient transform onto ``{w : min_value <= ||unit|| <= max_value}``."""
 
-    def selected_leaves(params: PyTree):
-        treedef, leaves = select(params, where, name)
-        axes = [resolve_axes(axis, l.path, l.value, name) if l.selected else None for l in leaves]
-        return treedef, leaves, axes
+    def resolve(path: str, leaf: Any) -> tuple[int, ...]:
+        return resolve_axes(axis, path, leaf, name)
 
     def init_fn(params: PyTree) -> NormState:
-        _, leaves, _ = selected_leaves(params)  # validates where= and axis= at init
-        zeros = {l.path: jnp.zeros((), jnp.float32) for l in leaves if l.selected}
+        _, leaves = _selected(params, where, name, resolve)
+        zeros = {leaf.path: jnp.zeros((), jnp.float32) for leaf, spec in leaves if spec is not None}
         return NormState(dict(zeros), dict(zeros), dict(zeros))
+
+    def project_leaf(path: str, w: jax.Array, axes: tuple[int, ...]):
+        w_new, n, moved = band_project(w, axes, min_value, max_value, rate)
+        return w_new, moved, _stats(n, moved)
 
     def update_fn(updates: PyTree, state: NormState, params: PyTree | None = None):
         del state
-        if params is None:
-            raise ValueError(
-                f"{name}: update() needs params (call tx.update(updates, state, params)); "
-                "a projection acts on params + updates"
-            )
-        treedef, leaves, axes = selected_leaves(params)
-        flat_updates = treedef.flatten_up_to(updates)
-        out, largest, smallest, frac = [], {}, {}, {}
-        for leaf, ax, u in zip(leaves, axes, flat_updates):
-            if not leaf.selected or u is None:
-                out.append(u)
-                continue
-            p = jnp.asarray(leaf.value)
-            u = jnp.asarray(u)
-            w = p + u.astype(p.dtype)
-            w_new, n, moved = band_project(w, ax, min_value, max_value, rate)
-            # Units left alone keep their update bit for bit, so params + u is untouched.
-            out.append(jnp.where(moved, (w_new - p).astype(u.dtype), u))
-            largest[leaf.path], smallest[leaf.path], frac[leaf.path] = _stats(n, moved)
-        return treedef.unflatten(out), NormState(largest, smallest, frac)
+        updates, aux = _project_updates(updates, params, where, name, resolve, project_leaf)
+        fields = [{path: stats[i] for path, stats in aux.items()} for i in range(3)]
+        return updates, NormState(*fields)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -166,3 +192,136 @@ def min_max_norm(
     """
     _check_min_max(min_value, max_value, rate, "min_max_norm")
     return _unit_band_transform("min_max_norm", min_value, max_value, rate, axis, where)
+
+
+class SpectralNormState(NamedTuple):
+    """State of :func:`spectral_norm`, keyed by the path of every selected leaf.
+
+    Attributes:
+      u: the power-iteration right vectors, shape ``batch_shape + col_shape``, float32
+        (float64 for float64 leaves); empty for ``estimator="gram"`` and ``"svd"``.
+      sigma: the sigma estimate of ``params + updates`` before the last projection, one per
+        batch index (shape ``batch_shape``), float32: what to log. Zeros after ``init``.
+    """
+
+    u: dict[str, jax.Array]
+    sigma: dict[str, jax.Array]
+
+
+SPECTRAL_ESTIMATORS = ("power", "gram", "svd")
+DEFAULT_NUM_ITERS = {"power": 1, "gram": 8, "svd": 1}
+INIT_POWER_ITERS = 30
+
+
+def spectral_norm(
+    max_value: Any,
+    *,
+    estimator: str = "power",
+    num_iters: int | None = None,
+    mode: str = "rescale",
+    dims: Dims = None,
+    where: Where = None,
+    seed: int = 0,
+) -> optax.GradientTransformation:
+    r"""Keeps the largest singular value of every selected matrix at most ``max_value``.
+
+    Put it last in ``optax.chain``: ``update`` returns :math:`u'` with
+    :math:`\text{params} + u' = P(\text{params} + u)`, where for each matrix :math:`W` of the
+    ``dims`` view (one per batch index) and :math:`\hat\sigma` the estimate below,
+
+    - ``mode="rescale"``: :math:`P(W) = W \min(1, c / \hat\sigma)`;
+    - ``mode="normalize"``: :math:`P(W) = W c / \hat\sigma` (spectral normalization,
+      Miyato et al. 2018, applied to the stored weight instead of inside the layer);
+    - ``mode="clip"``: singular values :math:`\min(s_i, c)`, the exact Euclidean projection
+      (needs ``estimator="svd"``).
+
+    Estimators of :math:`\sigma_{\max}`:
+
+    - ``"power"``: ``num_iters`` power iterations a step (default 1), warm-started from the
+      vectors in the state; it under-estimates (a lower bound), by less as training goes on.
+    - ``"gram"``: Gram iteration (Delattre et al. 2023, default 8 iterations), a certified
+      upper bound: after every step :math:`\sigma_{\max} \le c` holds for sure.
+    - ``"svd"``: exact.
+
+    The state, :class:`SpectralNormState`, keeps the power vectors and, for logging, the
+    estimate of every selected leaf and batch index before the projection. ``max_value`` may
+    be injected with ``optax.inject_hyperparams``. Matrices left alone keep their update bit
+    for bit; unselected leaves (biases, by default) are untouched.
+
+    Args:
+      max_value: the bound :math:`c > 0`.
+      estimator: ``"power"``, ``"gram"`` or ``"svd"``.
+      num_iters: iterations of the estimator per step; ``None`` picks 1 for power and 8 for
+        gram (ignored by svd).
+      mode: ``"rescale"``, ``"normalize"`` or ``"clip"``.
+      dims: the matrix view (``None``, a :class:`MatrixDims` or a callable per leaf).
+      where: which leaves, as in :func:`max_norm`.
+      seed: seeds the initial power vectors (each leaf folds in its index).
+
+    >>> import jax.numpy as jnp, optax, normjax as nj
+    >>> params = {"w": jnp.array([[2.0, 0.0], [0.0, 0.5]])}
+    >>> tx = optax.chain(optax.sgd(1.0), nj.spectral_norm(1.0, estimator="svd"))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.zeros((2, 2))}, state, params)
+    >>> optax.apply_updates(params, updates)["w"]
+    Array([[1.  , 0.  ],
+           [0.  , 0.25]], dtype=float32)
+    >>> state[1].sigma["w"]
+    Array(2., dtype=float32)
+
+    References:
+      Miyato et al., "Spectral normalization for generative adversarial networks", ICLR 2018.
+      Delattre et al., "Efficient bound of Lipschitz constant for convolutional layers by
+      Gram iteration", ICML 2023.
+    """
+    name = "spectral_norm"
+    check_scalar(max_value, "max_value", name, positive=True)
+    check_mode(mode, name)
+    if estimator not in SPECTRAL_ESTIMATORS:
+        raise ValueError(f"{name}: unknown estimator {estimator!r}; expected one of {SPECTRAL_ESTIMATORS}")
+    if mode == "clip" and estimator != "svd":
+        raise ValueError(
+            f"{name}: mode='clip' clamps every singular value and needs the full SVD; "
+            f"use estimator='svd' (or mode='rescale' with estimator={estimator!r})"
+        )
+    iters = DEFAULT_NUM_ITERS[estimator] if num_iters is None else num_iters
+    if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 1:
+        raise ValueError(f"{name}: num_iters must be an int >= 1, got {num_iters!r}")
+    iters = int(iters)
+
+    def resolve(path: str, leaf: Any):
+        return resolve_dims(dims, path, leaf, name)
+
+    def init_fn(params: PyTree) -> SpectralNormState:
+        _, leaves = _selected(params, where, name, resolve)
+        key = jax.random.key(seed)
+        u, sigma = {}, {}
+        for i, (leaf, d) in enumerate(leaves):
+            if d is None:
+                continue
+            batch = tuple(np.shape(leaf.value)[a] for a in d.batch)
+            sigma[leaf.path] = jnp.zeros(batch, jnp.float32)
+            if estimator == "power":
+                # Start from a converged vector, as torch's spectral_norm does (15 iterations),
+                # so the first steps do not under-estimate sigma by tens of percent.
+                u0 = init_power_vector(jax.random.fold_in(key, i), leaf.value, d)
+                u[leaf.path] = sigma_power(leaf.value, u0, num_iters=INIT_POWER_ITERS, dims=d)[1]
+        return SpectralNormState(u, sigma)
+
+    def update_fn(updates: PyTree, state: SpectralNormState, params: PyTree | None = None):
+        def project_leaf(path: str, w: jax.Array, d):
+            new_u = None
+            if estimator == "power":
+                sigma, new_u = sigma_power(w, state.u[path], num_iters=iters, dims=d)
+            elif estimator == "gram":
+                sigma = sigma_gram(w, num_iters=iters, dims=d)
+            else:
+                sigma = None  # exact, computed by the projection
+            w_new, moved, sigma = project_spectral_leaf(w, max_value, mode, d, sigma)
+            return w_new, moved, (new_u, sigma.astype(jnp.float32))
+
+        updates, aux = _project_updates(updates, params, where, name, resolve, project_leaf)
+        new_u = {path: a[0].astype(state.u[path].dtype) for path, a in aux.items() if a[0] is not None}
+        return updates, SpectralNormState(new_u, {path: a[1] for path, a in aux.items()})
+
+    return optax.GradientTransformation(init_fn, update_fn)
