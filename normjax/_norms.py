@@ -18,8 +18,9 @@ def unit_norms(w: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     r"""L2 norm of every unit of ``w``: :math:`n = \sqrt{\sum_{i \in \text{axes}} w_i^2}`.
 
     Reduces ``axes`` with ``keepdims=True`` and accumulates in float32 (float64 for
-    float64 input). The gradient is finite (zero) at a zero unit: the square root is only
-    taken of strictly positive sums.
+    float64 input). ``axes`` is a tuple of ints (use ``resolve_axes`` for the ``axis=`` rules).
+    The gradient is finite (zero) at a zero unit: the square root is only taken of non-zero
+    sums. A unit holding a NaN has norm NaN, never 0.
 
     >>> import jax.numpy as jnp
     >>> unit_norms(jnp.array([[3.0, 0.0], [4.0, 0.0]]), (0,))
@@ -28,8 +29,8 @@ def unit_norms(w: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     w = jnp.asarray(w)
     x = w.astype(acc_dtype(w.dtype))
     sq = jnp.sum(x * x, axis=axes, keepdims=True)
-    pos = sq > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1)), 0)
+    zero = sq == 0  # NaN stays NaN (a diverged unit must show in the logs), zero stays zero
+    return jnp.where(zero, 0, jnp.sqrt(jnp.where(zero, 1, sq)))
 
 
 def band_project(
@@ -65,6 +66,16 @@ def band_project(
     """
     w = jnp.asarray(w)
     n = unit_norms(w, axes)
+    scale, moved = band_scale(n, min_value, max_value, rate)
+    return apply_scale(w, scale), n, moved
+
+
+def band_scale(n: jax.Array, min_value: Any | None, max_value: Any, rate: Any | None = None):
+    """Per-unit factor of :func:`band_project` from the norms ``n``: ``(scale, moved)``.
+
+    ``scale`` is exactly 1 where ``moved`` is False, so multiplying by it leaves those units
+    bit for bit as they were (a multiply, not a per-element select, is what XLA fuses best).
+    """
     acc = n.dtype
     b = jnp.asarray(max_value, acc)
     if min_value is None:
@@ -80,9 +91,23 @@ def band_project(
         r = jnp.asarray(rate, acc)
         target = r * clipped + (1 - r) * n
         moved = outside & (r > 0)
-    scale = target / jnp.where(moved, n, 1)
-    w_new = jnp.where(moved, (w.astype(acc) * scale).astype(w.dtype), w)
-    return w_new, n, moved
+    return jnp.where(moved, target / jnp.where(moved, n, 1), 1), moved
+
+
+def apply_scale(w: jax.Array, scale: jax.Array) -> jax.Array:
+    """``w * scale`` computed in the scale's (accumulation) dtype, returned in ``w``'s dtype."""
+    return (w.astype(scale.dtype) * scale).astype(w.dtype)
+
+
+def scaled_update(p: jax.Array, u: jax.Array, scale: jax.Array) -> jax.Array:
+    r"""The update :math:`u'` with :math:`p + u' = (p + u) \cdot s`: :math:`u' = u s + p (s - 1)`.
+
+    Where :math:`s = 1` it is :math:`u` itself (up to the sign of a zero), so ``p + u'`` is
+    bit for bit what the optimizer alone gives; ``p + u`` is never materialised, which saves
+    XLA a full-size temporary per leaf.
+    """
+    acc = scale.dtype
+    return (u.astype(acc) * scale + p.astype(acc) * (scale - 1)).astype(u.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,4 +369,4 @@ def spectral_scale(sigma: jax.Array, max_value: Any, mode: str) -> tuple[jax.Arr
         moved = (sigma > 0) & (sigma != c)
     else:  # pragma: no cover - validated by callers
         raise ValueError(f"unknown mode {mode!r}")
-    return c / jnp.where(moved, sigma, 1), moved
+    return jnp.where(moved, c / jnp.where(moved, sigma, 1), 1), moved

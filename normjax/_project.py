@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from normjax._norms import (
+    apply_scale,
     band_project,
     broadcast_batch,
     clip_singular_values,
@@ -174,9 +175,7 @@ def project_spectral_leaf(w: jax.Array, max_value: Any, mode: str, d: Any, sigma
     if sigma is None:
         sigma = sigma_svd(w, dims=d)
     scale, moved = spectral_scale(sigma, max_value, mode)
-    moved_b = broadcast_batch(moved, w.shape, d)
-    scaled = (w.astype(scale.dtype) * broadcast_batch(scale, w.shape, d)).astype(w.dtype)
-    return jnp.where(moved_b, scaled, w), moved_b, sigma
+    return apply_scale(w, broadcast_batch(scale, w.shape, d)), broadcast_batch(moved, w.shape, d), sigma
 
 
 def project_spectral_norm(

@@ -11,8 +11,19 @@ import optax
 
 import numpy as np
 
-from normjax._norms import band_project, init_power_vector, sigma_gram, sigma_power
-from normjax._project import _check_min_max, check_mode, project_spectral_leaf
+from normjax._norms import (
+    band_scale,
+    broadcast_batch,
+    clip_singular_values,
+    init_power_vector,
+    scaled_update,
+    sigma_gram,
+    sigma_power,
+    sigma_svd,
+    spectral_scale,
+    unit_norms,
+)
+from normjax._project import _check_min_max, check_mode
 from normjax._select import Axis, Dims, PyTree, Where, check_scalar, resolve_axes, resolve_dims, select
 
 
@@ -56,14 +67,13 @@ def _project_updates(
     where: Where,
     name: str,
     resolve: Callable[[str, Any], Any],
-    project_leaf: Callable[[str, jax.Array, Any], tuple[jax.Array, jax.Array, Any]],
+    update_leaf: Callable[[str, jax.Array, jax.Array, Any], tuple[jax.Array, Any]],
 ) -> tuple[PyTree, dict[str, Any]]:
-    """The shared update path: ``w = params + updates``, projected, turned back into updates.
+    """The shared update path over the selected leaves of ``params``.
 
-    ``project_leaf(path, w, spec) -> (w_new, moved, aux)`` with ``moved`` broadcastable to
-    ``w``. Where nothing moved the incoming update is returned bit for bit, so
-    ``params + update`` is exactly what the optimizer alone would give; unselected leaves and
-    ``None`` updates pass through untouched. Returns the updates and ``{path: aux}``.
+    ``update_leaf(path, p, u, spec) -> (u_new, aux)`` returns the update that takes ``p`` to
+    the projection of ``p + u`` (see :func:`scaled_update`); unselected leaves and ``None``
+    updates pass through untouched. Returns the updates and ``{path: aux}``.
     """
     if params is None:
         raise ValueError(
@@ -76,9 +86,8 @@ def _project_updates(
         if spec is None or u is None:
             out.append(u)
             continue
-        p, u = jnp.asarray(leaf.value), jnp.asarray(u)
-        w_new, moved, aux[leaf.path] = project_leaf(leaf.path, p + u.astype(p.dtype), spec)
-        out.append(jnp.where(moved, (w_new - p).astype(u.dtype), u))
+        u_new, aux[leaf.path] = update_leaf(leaf.path, jnp.asarray(leaf.value), jnp.asarray(u), spec)
+        out.append(u_new)
     return treedef.unflatten(out), aux
 
 
@@ -95,13 +104,16 @@ def _unit_band_transform(
         zeros = {leaf.path: jnp.zeros((), jnp.float32) for leaf, spec in leaves if spec is not None}
         return NormState(dict(zeros), dict(zeros), dict(zeros))
 
-    def project_leaf(path: str, w: jax.Array, axes: tuple[int, ...]):
-        w_new, n, moved = band_project(w, axes, min_value, max_value, rate)
-        return w_new, moved, _stats(n, moved)
+    def update_leaf(path: str, p: jax.Array, u: jax.Array, axes: tuple[int, ...]):
+        # p + u feeds only the norm reduction, where XLA fuses it; the update is rebuilt
+        # from p and u with the per-unit factor (exactly 1 for units left alone).
+        n = unit_norms(p + u.astype(p.dtype), axes)
+        scale, moved = band_scale(n, min_value, max_value, rate)
+        return scaled_update(p, u, scale), _stats(n, moved)
 
     def update_fn(updates: PyTree, state: NormState, params: PyTree | None = None):
         del state
-        updates, aux = _project_updates(updates, params, where, name, resolve, project_leaf)
+        updates, aux = _project_updates(updates, params, where, name, resolve, update_leaf)
         fields = [{path: stats[i] for path, stats in aux.items()} for i in range(3)]
         return updates, NormState(*fields)
 
@@ -309,18 +321,23 @@ def spectral_norm(
         return SpectralNormState(u, sigma)
 
     def update_fn(updates: PyTree, state: SpectralNormState, params: PyTree | None = None):
-        def project_leaf(path: str, w: jax.Array, d):
+        def update_leaf(path: str, p: jax.Array, u: jax.Array, d):
+            w = p + u.astype(p.dtype)
+            if mode == "clip":  # exact projection: the SVD needs w itself
+                w_new, sigma = clip_singular_values(w, max_value, dims=d)
+                moved = broadcast_batch(sigma > jnp.asarray(max_value, sigma.dtype), w.shape, d)
+                return jnp.where(moved, (w_new - p).astype(u.dtype), u), (None, sigma.astype(jnp.float32))
             new_u = None
             if estimator == "power":
                 sigma, new_u = sigma_power(w, state.u[path], num_iters=iters, dims=d)
             elif estimator == "gram":
                 sigma = sigma_gram(w, num_iters=iters, dims=d)
             else:
-                sigma = None  # exact, computed by the projection
-            w_new, moved, sigma = project_spectral_leaf(w, max_value, mode, d, sigma)
-            return w_new, moved, (new_u, sigma.astype(jnp.float32))
+                sigma = sigma_svd(w, dims=d)
+            scale, _ = spectral_scale(sigma, max_value, mode)
+            return scaled_update(p, u, broadcast_batch(scale, w.shape, d)), (new_u, sigma.astype(jnp.float32))
 
-        updates, aux = _project_updates(updates, params, where, name, resolve, project_leaf)
+        updates, aux = _project_updates(updates, params, where, name, resolve, update_leaf)
         new_u = {path: a[0].astype(state.u[path].dtype) for path, a in aux.items() if a[0] is not None}
         return updates, SpectralNormState(new_u, {path: a[1] for path, a in aux.items()})
 
