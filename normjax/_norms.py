@@ -27,10 +27,29 @@ def unit_norms(w: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     Array([[5., 0.]], dtype=float32)
     """
     w = jnp.asarray(w)
-    x = w.astype(acc_dtype(w.dtype))
+    acc = acc_dtype(w.dtype)
+    x = w.astype(acc)
+
+    def safe_sqrt(sq):
+        zero = sq == 0  # NaN stays NaN (a diverged unit must show in the logs), zero stays zero
+        return jnp.where(zero, 0, jnp.sqrt(jnp.where(zero, 1, sq)))
+
     sq = jnp.sum(x * x, axis=axes, keepdims=True)
-    zero = sq == 0  # NaN stays NaN (a diverged unit must show in the logs), zero stays zero
-    return jnp.where(zero, 0, jnp.sqrt(jnp.where(zero, 1, sq)))
+    if sq.size == 0:
+        return safe_sqrt(sq)
+
+    def rescaled(_):
+        # Only taken when a sum of squares overflowed, went subnormal or is zero: divide each
+        # unit by its largest magnitude first (one more pass over the leaf, paid only then).
+        m = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
+        ms = jnp.where(m > 0, m, 1)
+        y = x / ms
+        return m * safe_sqrt(jnp.sum(y * y, axis=axes, keepdims=True))
+
+    small = float(np.finfo(acc).tiny) * 2.0**24
+    # sq == 0 also goes the careful way: a unit of entries below 1e-23 squares to exactly 0.
+    out_of_range = jnp.any(jnp.isinf(sq) | (sq < small))
+    return jax.lax.cond(out_of_range, rescaled, lambda _: safe_sqrt(sq), None)
 
 
 def band_project(
