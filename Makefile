@@ -19,12 +19,15 @@ $(VENV)/.bench-deps: pyproject.toml | $(VENV)/bin/python
 
 demo: $(VENV)/.test-deps
 	$(PY) examples/maxnorm_digits.py
+	$(PY) examples/spectral_digits.py
 
 test: $(VENV)/.test-deps
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.bench-deps
 	$(PY) benchmarks/bench_maxnorm.py
+	$(PY) benchmarks/bench_spectral.py
+	$(PY) benchmarks/power_tracking.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

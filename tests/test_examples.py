@@ -1,0 +1,149 @@
+"""Smoke-runs every script in ``examples/`` the way a user would, with its quick flag.
+
+Convention for examples: each accepts ``--quick`` (a run of a few seconds, also switched on by
+``NORMJAX_QUICK=1``). New scripts are picked up by the glob below; give them extra arguments and
+checks in ``EXTRA_ARGS`` and ``CHECKS``. Files whose name starts with ``_`` (``_digits.py``) are
+modules the examples share, not examples.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = sorted(p for p in (ROOT / "examples").glob("*.py") if not p.name.startswith("_"))
+TIMEOUT_S = 300
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, NORMJAX_QUICK="1", JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
+    env["JAX_NUMPY_DTYPE_PROMOTION"] = "strict"  # examples must pass under strict promotion too
+    # The test session fakes 8 CPU devices (root conftest.py); an example runs as a user runs it.
+    flags = env.get("XLA_FLAGS", "").split()
+    env["XLA_FLAGS"] = " ".join(f for f in flags if "xla_force_host_platform_device_count" not in f)
+    return env
+
+
+def _png(tmp_path: Path, script: str = "maxnorm_digits.py") -> Path:
+    return tmp_path / Path(script).with_suffix(".png").name
+
+
+def _check_png(stdout: str, png: Path) -> None:
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"no PNG at {png}"
+    assert f"plot written to {png}" in stdout
+
+
+def _import_example(script: str):
+    """Imports ``examples/<script>`` as a module (its folder on ``sys.path``, as when run)."""
+    folder = str(ROOT / "examples")
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / "examples" / script)
+        example = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(example)
+    finally:
+        sys.path.remove(folder)
+    return example
+
+
+def _table(stdout: str, first_header: str) -> list[dict[str, str]]:
+    """The rows of the printed table whose header line starts with ``first_header``.
+
+    Cells are separated by two or more spaces (headers and run names hold single spaces only);
+    the header is followed by a dashed rule and the rows end at the first blank line.
+    """
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(first_header))
+    header = re.split(r"\s{2,}", lines[start].strip())
+    assert set(lines[start + 1]) == {"-"}, lines[start + 1]
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.strip():
+            break
+        cells = re.split(r"\s{2,}", line.strip())
+        assert len(cells) == len(header), f"{line!r} does not match {header}"
+        rows.append(dict(zip(header, cells)))
+    return rows
+
+
+def _check_maxnorm_digits(stdout: str, tmp_path: Path) -> None:
+    _check_png(stdout, _png(tmp_path))
+    rows = {line.split("  ")[0]: line for line in stdout.splitlines()}
+    example = _import_example("maxnorm_digits.py")
+    names = list(example.make_runs())
+    assert any(n.startswith("max-norm") for n in names) and len(names) >= 3, names
+    for name in names:
+        assert name in rows, f"no {name!r} row in the table:\n{stdout}"
+    for name, row in rows.items():
+        if m := re.fullmatch(r"max-norm c=(\S+)", name):
+            largest_norm = float(re.split(r"\s{2,}", row.strip())[4])  # the "max unit norm" column
+            assert largest_norm <= float(m.group(1)) * (1 + 1e-5), row
+
+
+def _check_spectral_digits(stdout: str, tmp_path: Path) -> None:
+    _check_png(stdout, _png(tmp_path, "spectral_digits.py"))
+    example = _import_example("spectral_digits.py")
+    names = list(example.make_runs())
+    constrained = [n for n in names if n.startswith("spectral")]
+    assert "unconstrained" in names and len(constrained) == 1, names
+    n_layers = len(example.SIZES) - 1
+    certified_bound = example.SPECTRAL_BOUND**n_layers
+
+    rows = {row["run"]: row for row in _table(stdout, "run ")}
+    assert list(rows) == names, f"runs {list(rows)} in the table, expected {names}:\n{stdout}"
+    eps_columns = [f"cert {e:g}" for e in example.EPSILONS]
+    for name, row in rows.items():
+        bound, bound_svd = float(row["L (Gram)"]), float(row["L (SVD)"])
+        # Gram is certified: never below the exact product (float32 rounding of both aside).
+        assert bound >= bound_svd * (1 - 1e-5), row
+        # The empirical check the script asserts, read back from the table.
+        assert float(row["max |grad m|"]) <= float(row["sqrt2*L"]) * (1 + 1e-3), row
+        assert math.isclose(float(row["sqrt2*L"]), math.sqrt(2) * bound, rel_tol=1e-3), row
+        cert = [float(row[c].rstrip("%")) for c in eps_columns]
+        assert all(a >= b for a, b in zip(cert, cert[1:])), f"certified accuracy grows with eps: {row}"
+        assert cert[0] <= float(row["test acc"].rstrip("%")), row
+    row = rows[constrained[0]]
+    # nj.spectral_norm(1.0, estimator="gram") after every step: L <= 1 up to float32 rounding.
+    assert float(row["L (Gram)"]) <= certified_bound * (1 + 1e-5), row
+    assert float(row["L (SVD)"]) <= certified_bound * (1 + 1e-6), row
+
+    # What the transform logged (SpectralNormState.sigma) and each kernel's sigma at the end.
+    layers = _table(stdout, "kernel ")
+    assert len(layers) == n_layers, layers
+    for layer in layers:
+        assert layer["kernel"].startswith(f"{constrained[0]}: "), layer
+        assert float(layer["last step"]) > 0 and float(layer["max, all steps"]) >= float(layer["last step"]), layer
+        assert float(layer["final (Gram)"]) <= example.SPECTRAL_BOUND * (1 + 1e-5), layer
+        assert float(layer["final (SVD)"]) <= example.SPECTRAL_BOUND * (1 + 1e-6), layer
+
+
+EXTRA_ARGS = {
+    "maxnorm_digits.py": lambda tmp_path: ["--out", str(_png(tmp_path))],
+    "spectral_digits.py": lambda tmp_path: ["--out", str(_png(tmp_path, "spectral_digits.py"))],
+}
+CHECKS = {"maxnorm_digits.py": _check_maxnorm_digits, "spectral_digits.py": _check_spectral_digits}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
+def test_example_runs(script: Path, tmp_path: Path) -> None:
+    args = [sys.executable, str(script), "--quick", *EXTRA_ARGS.get(script.name, lambda _: [])(tmp_path)]
+    proc = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, f"{script.name} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    if check := CHECKS.get(script.name):
+        check(proc.stdout, tmp_path)
+
+
+def test_examples_found() -> None:
+    names = {s.name for s in SCRIPTS}
+    assert {"maxnorm_digits.py", "spectral_digits.py"} <= names, names
+    assert not any(name.startswith("_") for name in names), names  # _digits.py is shared code
+    assert set(CHECKS) <= names and set(EXTRA_ARGS) <= names
