@@ -7,6 +7,10 @@ own folder first on ``sys.path``, so ``python examples/<script>.py`` finds it fr
 
 from __future__ import annotations
 
+import argparse
+import os
+from pathlib import Path
+
 import jax
 import numpy as np
 from flax import nnx
@@ -51,3 +55,15 @@ def batches(n: int, batch: int, steps: int, seed: int):
             perm = rng.permutation(n)
         i = step % per_epoch
         yield perm[i * batch : (i + 1) * batch]
+
+
+def parse_args(doc: str, steps: int, quick_steps: int, default_out: Path, argv: list[str] | None = None):
+    """The command line every digits example shares: ``--quick`` (or ``NORMJAX_QUICK=1``),
+    ``--steps`` and ``--out``. Returns ``(steps, out_path)``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"smoke run, {quick_steps} steps a run (or NORMJAX_QUICK=1)")
+    parser.add_argument("--steps", type=int, default=None, help=f"steps a run (default {steps})")
+    parser.add_argument("--out", type=Path, default=default_out, help=f"the PNG to write (default {default_out})")
+    args = parser.parse_args(argv)
+    quick = args.quick or os.environ.get("NORMJAX_QUICK", "") not in ("", "0")
+    return args.steps or (quick_steps if quick else steps), args.out

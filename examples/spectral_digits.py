@@ -60,9 +60,7 @@ Run ``python examples/spectral_digits.py`` (about 20 seconds on a 2-core CPU), o
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 from pathlib import Path
 
 import matplotlib
@@ -79,7 +77,7 @@ from tqdm import tqdm  # noqa: E402
 import normjax as nj  # noqa: E402
 
 # The data and the model, shared with maxnorm_digits.py (examples/_digits.py, next to this file).
-from _digits import MLP, batches, load_data  # noqa: E402
+from _digits import MLP, batches, load_data, parse_args  # noqa: E402
 
 # Every number below is deterministic. Hidden width 256 rather than the max-norm demo's 512:
 # Gram iteration costs 8 n x n matrix products per kernel and step (n = the smaller side), and
@@ -309,20 +307,14 @@ def plot(results: dict[str, dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help=f"smoke run, {QUICK_STEPS} steps a run (or NORMJAX_QUICK=1)")
-    parser.add_argument("--steps", type=int, default=None, help=f"steps a run (default {STEPS})")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the PNG to write (default {DEFAULT_OUT})")
-    args = parser.parse_args(argv)
-    quick = args.quick or os.environ.get("NORMJAX_QUICK", "") not in ("", "0")
-    steps = args.steps or (QUICK_STEPS if quick else STEPS)
+    steps, out = parse_args(__doc__, STEPS, QUICK_STEPS, DEFAULT_OUT, argv)
 
     data = load_data(SEED)
     results = {name: train(name, tx, data, steps) for name, tx in make_runs().items()}
     print()
     print_tables(results)
-    plot(results, args.out)
-    print(f"\nplot written to {args.out}")
+    plot(results, out)
+    print(f"\nplot written to {out}")
 
 
 if __name__ == "__main__":
