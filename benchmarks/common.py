@@ -313,7 +313,9 @@ def update_results(section: str, body: str, path: Path = RESULTS_MD, title: str 
     path.write_text(text)
 
 
-def leaf_pipeline(hlo_text: str, param_regex: str, min_bytes: int = 1 << 16) -> list[str]:
+def leaf_pipeline(
+    hlo_text: str, param_regex: str, min_bytes: int = 1 << 16, keep_small_ops: Sequence[str] = ()
+) -> list[str]:
     """The chain of top-level instructions that produce one output leaf, in execution order.
 
     Finds the operand of the ``ROOT`` tuple computed from the entry parameter whose name
@@ -322,7 +324,9 @@ def leaf_pipeline(hlo_text: str, param_regex: str, min_bytes: int = 1 << 16) -> 
     ``name [kind]: reads a, b -> writes shape (output|intermediate)``, so one can see what
     XLA materialises in between and whether a reduction got fused with its producers. (An
     intermediate may share a buffer with an output; ``memory_analysis()`` says how many
-    temporary bytes the executable really allocates.)
+    temporary bytes the executable really allocates.) Instructions whose op is in
+    ``keep_small_ops`` (e.g. ``("dot",)`` for matrix-vector products) are listed even when
+    their result is small.
     """
     entry = hlo_text[hlo_text.index("\nENTRY") :]
     comps = _computations(hlo_text)
@@ -361,7 +365,7 @@ def leaf_pipeline(hlo_text: str, param_regex: str, min_bytes: int = 1 << 16) -> 
         if n not in cone:
             continue
         shape, op, operands, kind = instr[n]
-        if op in _FREE_OPS or _shape_bytes(shape) < min_bytes and "reduce" not in kind:
+        if op in _FREE_OPS or _shape_bytes(shape) < min_bytes and "reduce" not in kind and op not in keep_small_ops:
             continue
         big_in = [o for o in operands if o in instr and _shape_bytes(instr[o][0]) >= min_bytes]
         reads = ", ".join(

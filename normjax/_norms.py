@@ -277,7 +277,7 @@ def gram_margin(n: int, dtype: Any) -> float:
     return 4.0 * float(np.sqrt(max(n, 1))) * float(np.finfo(dtype).eps)
 
 
-def sigma_gram(w: jax.Array, *, num_iters: int = 6, dims: Any = None) -> jax.Array:
+def sigma_gram(w: jax.Array, *, num_iters: int = 8, dims: Any = None) -> jax.Array:
     r"""Certified upper bound on the largest singular value by Gram iteration.
 
     With :math:`G_0 = W` and :math:`G_{t+1} = G_t^\top G_t`, the singular values of
