@@ -147,18 +147,21 @@ def resolve_axes(axis: Axis, path: str, leaf: Any, name: str) -> tuple[int, ...]
                 f"(axis=0 bounds a whole vector) or leave this leaf out with where="
             )
         return tuple(range(ndim - 1))
-    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    return normalize_axes(axis, ndim, path, shape, "axis", name)
+
+
+def normalize_axes(axes: Any, ndim: int, path: str, shape: tuple[int, ...], label: str, name: str) -> tuple[int, ...]:
+    """An int or a sequence of ints as sorted non-negative axes of a leaf, with errors naming it."""
+    given = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
     out = []
-    for a in axes:
+    for a in given:
         if not isinstance(a, (int, np.integer)) or isinstance(a, bool):
-            raise TypeError(f"{name}: axis= must hold ints, got {a!r} for leaf {path!r}")
+            raise TypeError(f"{name}: {label}= must hold ints, got {a!r} for leaf {path!r}")
         if not -ndim <= a < ndim:
-            raise ValueError(
-                f"{name}: axis {a} is out of range for leaf {path!r} of shape {shape} (ndim {ndim})"
-            )
+            raise ValueError(f"{name}: {label} {a} is out of range for leaf {path!r} of shape {shape} (ndim {ndim})")
         out.append(int(a) % ndim)
     if len(set(out)) != len(out):
-        raise ValueError(f"{name}: axis={axes} repeats an axis for leaf {path!r} of shape {shape}")
+        raise ValueError(f"{name}: {label}={given} repeats an axis for leaf {path!r} of shape {shape}")
     return tuple(sorted(out))
 
 
@@ -248,24 +251,13 @@ def resolve_dims(dims: Dims, path: str, leaf: Any, name: str) -> ResolvedDims:
         raise TypeError(f"{name}: dims= must be None, a MatrixDims or a callable, got {dims!r} for leaf {path!r}")
 
     def norm(axes, which):
-        axes = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
-        out = []
-        for a in axes:
-            if not isinstance(a, (int, np.integer)) or isinstance(a, bool):
-                raise TypeError(f"{name}: MatrixDims.{which} must hold ints, got {a!r} for leaf {path!r}")
-            if not -ndim <= a < ndim:
-                raise ValueError(
-                    f"{name}: MatrixDims.{which} axis {a} is out of range for leaf {path!r} of shape {shape}"
-                )
-            out.append(int(a) % ndim)
+        out = normalize_axes(axes, ndim, path, shape, f"MatrixDims.{which}", name)
         if not out:
             raise ValueError(
                 f"{name}: {dims} leaves no {'row' if which == 'in_axes' else 'column'} axis for leaf {path!r}; "
                 f"in_axes and out_axes must each name at least one axis"
             )
-        if len(set(out)) != len(out):
-            raise ValueError(f"{name}: MatrixDims.{which} repeats an axis for leaf {path!r}")
-        return tuple(sorted(out))
+        return out
 
     rows, cols = norm(dims.in_axes, "in_axes"), norm(dims.out_axes, "out_axes")
     if set(rows) & set(cols):
