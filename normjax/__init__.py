@@ -5,6 +5,16 @@ Every constraint exists as a pure, jit-able projection over a parameter pytree
 ``optax.chain(optimizer, ...)``.
 """
 
+from normjax._conv import (
+    ConvSpec,
+    conv_clip,
+    conv_operator,
+    conv_sigma_fft,
+    conv_sigma_gram,
+    conv_sigma_power,
+    conv_spectral_norm,
+    init_conv_power_vector,
+)
 from normjax._norms import (
     band_project,
     clip_singular_values,
@@ -35,11 +45,19 @@ from normjax._transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConvSpec",
     "MatrixDims",
     "NormState",
     "SpectralNormState",
     "band_project",
     "clip_singular_values",
+    "conv_clip",
+    "conv_operator",
+    "conv_sigma_fft",
+    "conv_sigma_gram",
+    "conv_sigma_power",
+    "conv_spectral_norm",
+    "init_conv_power_vector",
     "init_power_vector",
     "lipschitz_bound",
     "max_norm",

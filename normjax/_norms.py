@@ -234,18 +234,26 @@ def sigma_power(
         raise ValueError(f"sigma_power: num_iters must be >= 1, got {num_iters}")
     w = jnp.asarray(w)
     d = _dims(w, dims, "sigma_power")
-    acc = acc_dtype(w.dtype)
-    x = w.astype(acc)
+    x = w.astype(acc_dtype(w.dtype))
+    return power_loop(lambda u: _matvec(x, u, d), lambda v: _rmatvec(x, v, d), u, len(d.batch), num_iters, x.dtype)
+
+
+def power_loop(apply, apply_t, u: jax.Array, nb: int, num_iters: int, acc: Any) -> tuple[jax.Array, jax.Array]:
+    """Power iteration on any linear map given ``apply`` (``A u``) and ``apply_t`` (``A^T v``).
+
+    ``u`` has ``nb`` leading batch axes (one operator each). Returns ``(sigma, u)`` with
+    ``sigma = ||A^T v||`` for the normalised ``v = A u / ||A u||``; a zero operator gives 0
+    and keeps ``u``. Up to 4 iterations are unrolled (what a training step runs).
+    """
     u = jnp.asarray(u).astype(acc)
-    nb = len(d.batch)
     bshape = lambda s, t: s.reshape(s.shape + (1,) * (t.ndim - nb))
 
     def body(_, carry):
         _, u = carry
-        v = _matvec(x, u, d)
+        v = apply(u)
         nv = _vec_norm(v, nb)
         v = v / bshape(jnp.where(nv > 0, nv, 1), v)
-        t = _rmatvec(x, v, d)
+        t = apply_t(v)
         sigma = _vec_norm(t, nb)
         pos = sigma > 0
         return sigma, jnp.where(bshape(pos, t), t / bshape(jnp.where(pos, sigma, 1), t), u)
@@ -318,25 +326,35 @@ def sigma_gram(w: jax.Array, *, num_iters: int = 8, dims: Any = None) -> jax.Arr
     d = _dims(w, dims, "sigma_gram")
     acc = acc_dtype(w.dtype)
     x = _to_stack(w.astype(acc), d)
+    return gram_stack(x, int(num_iters)).reshape(_batch_shape(w, d))
+
+
+def gram_stack(x: jax.Array, num_iters: int, extra_margin: float = 0.0) -> jax.Array:
+    """The Gram-iteration bound of every matrix of a ``(B, R, C)`` stack, real or complex.
+
+    The bound is multiplied by ``1 + gram_margin(min(R, C)) + extra_margin``; a zero matrix
+    gives exactly 0, with finite gradients. Real dtype of the result: that of ``|x|``.
+    """
     if x.shape[1] < x.shape[2]:
         x = jnp.swapaxes(x, 1, 2)  # (B, big, small): the Gram matrix is small x small
+    real = jnp.real(x).dtype
 
     def fro(m):  # with a finite (zero) gradient at a zero matrix
-        sq = jnp.sum(m * m, axis=(1, 2))
+        sq = jnp.sum(jnp.real(m * jnp.conj(m)), axis=(1, 2))
         return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1)), 0)
 
     f0 = fro(x)
     nonzero = f0 > 0
     safe = lambda f: jnp.where(nonzero, f, 1)
     log_bound = jnp.log(safe(f0))
-    h = x / safe(f0)[:, None, None]
-    for t in range(1, int(num_iters) + 1):
-        g = jnp.einsum("bij,bik->bjk", h, h, precision=HIGHEST, preferred_element_type=acc)
+    h = x / safe(f0)[:, None, None].astype(x.dtype)
+    for t in range(1, num_iters + 1):
+        g = jnp.einsum("bij,bik->bjk", jnp.conj(h), h, precision=HIGHEST, preferred_element_type=x.dtype)
         f = safe(fro(g))
         log_bound = log_bound + jnp.log(f) * (0.5**t)
-        h = g / f[:, None, None]
-    bound = jnp.exp(log_bound) * (1 + gram_margin(x.shape[2], acc))
-    return jnp.where(nonzero, bound, 0).reshape(_batch_shape(w, d))
+        h = g / f[:, None, None].astype(x.dtype)
+    bound = jnp.exp(log_bound) * (1 + gram_margin(x.shape[2], real) + extra_margin)
+    return jnp.where(nonzero, bound, 0).astype(real)
 
 
 def clip_singular_values(w: jax.Array, max_value: Any, *, dims: Any = None) -> tuple[jax.Array, jax.Array]:
@@ -356,24 +374,34 @@ def clip_singular_values(w: jax.Array, max_value: Any, *, dims: Any = None) -> t
     d = _dims(w, dims, "clip_singular_values")
     acc = acc_dtype(w.dtype)
     x = _to_stack(w.astype(acc), d)
-    c = jnp.asarray(max_value, acc)
-    sigma = jnp.linalg.svd(x, compute_uv=False)[:, 0]
-    moved = sigma > c
-    # The SVD's gradient is NaN at repeated singular values (a zero matrix, an orthogonal
-    # one). Matrices left alone therefore go through the vector SVD on a fixed matrix with
-    # distinct singular values, so their gradient is exactly the identity.
-    k = min(x.shape[1:])
-    safe = jnp.zeros(x.shape[1:], acc).at[jnp.arange(k), jnp.arange(k)].set(jnp.arange(k, 0, -1, dtype=acc))
-    u, s, vt = jnp.linalg.svd(jnp.where(moved[:, None, None], x, safe), full_matrices=False)
-    excess = jnp.maximum(s - c, 0)
-    delta = jnp.einsum("bik,bk,bkj->bij", u, excess, vt, precision=HIGHEST, preferred_element_type=acc)
-    y = jnp.where(moved[:, None, None], x - delta, x)
+    y, sigma = clip_stack(x, jnp.asarray(max_value, acc))
+    moved = sigma > jnp.asarray(max_value, acc)
     w_new = jnp.where(
         broadcast_batch(moved.reshape(_batch_shape(w, d)), w.shape, d),
         _from_stack(y, w.shape, d).astype(w.dtype),
         w,
     )
     return w_new, sigma.reshape(_batch_shape(w, d))
+
+
+def clip_stack(x: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Singular values ``min(s, c)`` for every matrix of a ``(B, R, C)`` stack, real or complex.
+
+    Returns ``(y, sigma)``: matrices with ``sigma <= c`` come back bit for bit; ``sigma`` is
+    the largest singular value of each before the clip.
+    """
+    sigma = jnp.linalg.svd(x, compute_uv=False)[:, 0]
+    moved = sigma > c
+    # The SVD's gradient is NaN at repeated singular values (a zero matrix, an orthogonal
+    # one). Matrices left alone therefore go through the vector SVD on a fixed matrix with
+    # distinct singular values, so their gradient is exactly the identity.
+    k = min(x.shape[1:])
+    diag = jnp.arange(k, 0, -1).astype(x.dtype)
+    safe = jnp.zeros(x.shape[1:], x.dtype).at[jnp.arange(k), jnp.arange(k)].set(diag)
+    u, s, vt = jnp.linalg.svd(jnp.where(moved[:, None, None], x, safe), full_matrices=False)
+    excess = jnp.maximum(s - c, 0).astype(x.dtype)
+    delta = jnp.einsum("bik,bk,bkj->bij", u, excess, vt, precision=HIGHEST, preferred_element_type=x.dtype)
+    return jnp.where(moved[:, None, None], x - delta, x), sigma
 
 
 def spectral_scale(sigma: jax.Array, max_value: Any, mode: str) -> tuple[jax.Array, jax.Array]:

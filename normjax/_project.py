@@ -12,11 +12,9 @@ from normjax._norms import (
     apply_scale,
     band_project,
     broadcast_batch,
-    clip_singular_values,
-    sigma_gram,
-    sigma_svd,
     spectral_scale,
 )
+from normjax._conv import check_clip, leaf_clip, leaf_sigma, resolve_spec
 from normjax._select import (
     Axis,
     Dims,
@@ -25,7 +23,6 @@ from normjax._select import (
     check_scalar,
     is_concrete,
     resolve_axes,
-    resolve_dims,
     select,
 )
 
@@ -169,11 +166,11 @@ def project_spectral_leaf(w: jax.Array, max_value: Any, mode: str, d: Any, sigma
     Returns ``(w_new, moved, sigma)`` with ``moved`` broadcastable to ``w``.
     """
     if mode == "clip":
-        w_new, sigma = clip_singular_values(w, max_value, dims=d)
+        w_new, sigma = leaf_clip(w, max_value, d)
         moved = sigma > jnp.asarray(max_value, sigma.dtype)
         return w_new, broadcast_batch(moved, w.shape, d), sigma
     if sigma is None:
-        sigma = sigma_svd(w, dims=d)
+        sigma = leaf_sigma(w, d, "svd", 1)[0]
     scale, moved = spectral_scale(sigma, max_value, mode)
     return apply_scale(w, broadcast_batch(scale, w.shape, d)), broadcast_batch(moved, w.shape, d), sigma
 
@@ -216,7 +213,9 @@ def project_spectral_norm(
     out = []
     for leaf in leaves:
         if leaf.selected:
-            d = resolve_dims(dims, leaf.path, leaf.value, name)
+            d = resolve_spec(dims, leaf.path, leaf.value, name)
+            if mode == "clip":
+                check_clip(d, leaf.path, name)
             leaf = project_spectral_leaf(jnp.asarray(leaf.value), max_value, mode, d)[0]
         else:
             leaf = leaf.value
@@ -248,9 +247,8 @@ def spectral_norms(
     out = {}
     for leaf in leaves:
         if leaf.selected:
-            d = resolve_dims(dims, leaf.path, leaf.value, name)
-            w = jnp.asarray(leaf.value)
-            out[leaf.path] = sigma_svd(w, dims=d) if estimator == "svd" else sigma_gram(w, num_iters=num_iters, dims=d)
+            d = resolve_spec(dims, leaf.path, leaf.value, name)
+            out[leaf.path] = leaf_sigma(jnp.asarray(leaf.value), d, estimator, num_iters)[0]
     return out
 
 

@@ -14,17 +14,13 @@ import numpy as np
 from normjax._norms import (
     band_scale,
     broadcast_batch,
-    clip_singular_values,
-    init_power_vector,
     scaled_update,
-    sigma_gram,
-    sigma_power,
-    sigma_svd,
     spectral_scale,
     unit_norms,
 )
+from normjax._conv import check_clip, leaf_clip, leaf_init_vector, leaf_sigma, resolve_spec
 from normjax._project import _check_min_max, check_mode
-from normjax._select import Axis, Dims, PyTree, Where, check_scalar, resolve_axes, resolve_dims, select
+from normjax._select import Axis, Dims, PyTree, Where, check_scalar, resolve_axes, select
 
 
 class NormState(NamedTuple):
@@ -302,7 +298,10 @@ def spectral_norm(
     iters = int(iters)
 
     def resolve(path: str, leaf: Any):
-        return resolve_dims(dims, path, leaf, name)
+        spec = resolve_spec(dims, path, leaf, name)
+        if mode == "clip":
+            check_clip(spec, path, name)
+        return spec
 
     def init_fn(params: PyTree) -> SpectralNormState:
         _, leaves = _selected(params, where, name, resolve)
@@ -316,24 +315,17 @@ def spectral_norm(
             if estimator == "power":
                 # Start from a converged vector, as torch's spectral_norm does (15 iterations),
                 # so the first steps do not under-estimate sigma by tens of percent.
-                u0 = init_power_vector(jax.random.fold_in(key, i), leaf.value, d)
-                u[leaf.path] = sigma_power(leaf.value, u0, num_iters=INIT_POWER_ITERS, dims=d)[1]
+                u[leaf.path] = leaf_init_vector(jax.random.fold_in(key, i), leaf.value, d, INIT_POWER_ITERS)
         return SpectralNormState(u, sigma)
 
     def update_fn(updates: PyTree, state: SpectralNormState, params: PyTree | None = None):
         def update_leaf(path: str, p: jax.Array, u: jax.Array, d):
             w = p + u.astype(p.dtype)
             if mode == "clip":  # exact projection: the SVD needs w itself
-                w_new, sigma = clip_singular_values(w, max_value, dims=d)
+                w_new, sigma = leaf_clip(w, max_value, d)
                 moved = broadcast_batch(sigma > jnp.asarray(max_value, sigma.dtype), w.shape, d)
                 return jnp.where(moved, (w_new - p).astype(u.dtype), u), (None, sigma.astype(jnp.float32))
-            new_u = None
-            if estimator == "power":
-                sigma, new_u = sigma_power(w, state.u[path], num_iters=iters, dims=d)
-            elif estimator == "gram":
-                sigma = sigma_gram(w, num_iters=iters, dims=d)
-            else:
-                sigma = sigma_svd(w, dims=d)
+            sigma, new_u = leaf_sigma(w, d, estimator, iters, state.u.get(path))
             scale, _ = spectral_scale(sigma, max_value, mode)
             return scaled_update(p, u, broadcast_batch(scale, w.shape, d)), (new_u, sigma.astype(jnp.float32))
 

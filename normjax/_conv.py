@@ -1,0 +1,713 @@
+r"""Operator norms of convolutions, as Flax's ``Conv`` applies them.
+
+A kernel ``K`` of shape ``(*kernel_size, in // groups, out)`` defines the linear map
+:math:`A_K : x \mapsto \mathrm{conv}(x, K)` on channels-last inputs of spatial shape
+``input_shape``. Its operator norm :math:`\lVert A_K \rVert_2` (largest singular value) is what
+a Lipschitz certificate needs; the reshaped-kernel sigma of Miyato et al. (2018) is not a bound
+on it. Four ways to get it:
+
+- ``"power"``: power iteration through the convolution and its transpose (a lower bound,
+  warm-startable; any padding, stride, dilation and group count);
+- ``"fft"``: exact for circular padding from the singular values of the kernel's per-frequency
+  matrices (Sedghi, Gupta & Long 2019), strides handled by a polyphase split;
+- ``"gram"``: a certified upper bound by Gram iteration on those matrices (Delattre et al. 2023);
+  for zero padding the convolution is a restriction of a circular one on a grid grown by the
+  padding, so the same bound covers it (Delattre et al. 2024);
+- ``"svd"``: exact, from the SVD of the materialised operator (small inputs only).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from normjax._norms import (
+    HIGHEST,
+    acc_dtype,
+    clip_stack,
+    gram_stack,
+    power_loop,
+)
+from normjax._select import resolve_dims
+
+Padding = str | int | Sequence[int | tuple[int, int]]
+
+
+class ConvSpec(NamedTuple):
+    """The convolution a kernel leaf takes part in, with Flax ``nn.Conv`` semantics.
+
+    Attributes:
+      input_shape: the spatial shape of the layer's input, without batch and channels
+        (``(8, 8)`` for ``(N, 8, 8, C)`` images). Its length is the number of spatial axes;
+        kernel axes in front of ``(*kernel_size, in // groups, out)`` are batch axes
+        (convolutions stacked for ``scan``), each with its own norm.
+      strides: an int or one per spatial axis.
+      padding: ``"SAME"``, ``"VALID"``, ``"SAME_LOWER"``, ``"CIRCULAR"``, ``"REFLECT"``,
+        ``"CAUSAL"`` (1-D), an int, or one int or ``(low, high)`` pair per spatial axis.
+      kernel_dilation: an int or one per spatial axis.
+      feature_group_count: Flax's ``feature_group_count``.
+
+    >>> ConvSpec((32, 32), strides=2)
+    ConvSpec(input_shape=(32, 32), strides=2, padding='SAME', kernel_dilation=1, feature_group_count=1)
+    """
+
+    input_shape: Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: Padding = "SAME"
+    kernel_dilation: int | Sequence[int] = 1
+    feature_group_count: int = 1
+
+
+class ResolvedConv(NamedTuple):
+    """A validated :class:`ConvSpec` for one kernel, every field explicit."""
+
+    batch: tuple[int, ...]  # leading batch axes of the kernel
+    input_shape: tuple[int, ...]
+    kernel_size: tuple[int, ...]
+    in_channels: int  # of the operator's input: kernel.shape[-2] * groups
+    out_channels: int
+    strides: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pad_mode: str  # "constant" (lax padding), "wrap" (CIRCULAR) or "reflect"
+    pads: tuple[tuple[int, int], ...]
+    groups: int
+    output_shape: tuple[int, ...]
+
+    @property
+    def nd(self) -> int:
+        return len(self.input_shape)
+
+    @property
+    def effective_kernel(self) -> tuple[int, ...]:
+        return tuple((k - 1) * d + 1 for k, d in zip(self.kernel_size, self.dilation))
+
+
+CONV_METHODS = ("power", "fft", "gram", "svd")
+_PAD_STRINGS = ("SAME", "VALID", "SAME_LOWER", "CIRCULAR", "REFLECT", "CAUSAL")
+DENSE_LIMIT = 1 << 26  # entries of a materialised operator ("svd" on non-circular padding)
+
+
+def _per_axis(value: Any, nd: int, label: str, where: str) -> tuple[int, ...]:
+    vals = (value,) * nd if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else value
+    try:
+        vals = tuple(vals)
+    except TypeError:
+        raise TypeError(f"{where}: {label} must be an int or {nd} ints, got {value!r}") from None
+    if len(vals) != nd or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in vals):
+        raise ValueError(f"{where}: {label} must be a positive int or {nd} positive ints, got {value!r}")
+    return tuple(int(v) for v in vals)
+
+
+def resolve_conv(spec: ConvSpec, path: str, kernel: Any, name: str) -> ResolvedConv:
+    """Validates a :class:`ConvSpec` against one kernel leaf; errors name the leaf's path.
+
+    >>> import numpy as np
+    >>> rc = resolve_conv(ConvSpec((8, 8), strides=2), "conv/kernel", np.zeros((3, 3, 4, 16)), "demo")
+    >>> rc.pads, rc.output_shape
+    (((0, 1), (0, 1)), (4, 4))
+    """
+    where = f"{name}: leaf {path!r}"
+    if not isinstance(spec, ConvSpec):
+        raise TypeError(f"{where}: expected a ConvSpec, got {spec!r}")
+    try:
+        input_shape = tuple(spec.input_shape)
+    except TypeError:
+        raise TypeError(f"{where}: ConvSpec.input_shape must be a sequence of ints, got {spec.input_shape!r}") from None
+    nd = len(input_shape)
+    if nd < 1 or any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in input_shape):
+        raise ValueError(
+            f"{where}: ConvSpec.input_shape must hold >= 1 positive ints (the spatial shape, without "
+            f"batch and channels), got {spec.input_shape!r}"
+        )
+    input_shape = tuple(int(n) for n in input_shape)
+    shape = tuple(np.shape(kernel))
+    if len(shape) < nd + 2:
+        raise ValueError(
+            f"{where}: kernel of shape {shape} has {len(shape) - 2} spatial axes but input_shape "
+            f"{input_shape} has {nd}; input_shape is the spatial shape only (no batch or channel axis), "
+            f"and the kernel is (*kernel_size, in // groups, out)"
+        )
+    nb = len(shape) - nd - 2
+    kernel_size = shape[nb : nb + nd]
+    cin_g, cout = shape[-2], shape[-1]
+    g = spec.feature_group_count
+    if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 1:
+        raise ValueError(f"{where}: feature_group_count must be a positive int, got {g!r}")
+    g = int(g)
+    if cout % g:
+        raise ValueError(f"{where}: {cout} output features are not divisible by feature_group_count={g}")
+    if min(kernel_size + (cin_g, cout)) < 1:
+        raise ValueError(f"{where}: kernel of shape {shape} is empty")
+    strides = _per_axis(spec.strides, nd, "strides", where)
+    dilation = _per_axis(spec.kernel_dilation, nd, "kernel_dilation", where)
+    k_eff = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, dilation))
+    padding = spec.padding
+    if isinstance(padding, str):
+        p = padding.upper()
+        if p not in _PAD_STRINGS:
+            raise ValueError(f"{where}: unknown padding {padding!r}; expected one of {_PAD_STRINGS} or explicit pads")
+        if p in ("CIRCULAR", "REFLECT"):  # Flax pads the input, then runs a VALID convolution
+            mode, pads = ("wrap" if p == "CIRCULAR" else "reflect"), tuple(((k - 1) // 2, k // 2) for k in k_eff)
+            if p == "REFLECT" and any(max(pr) >= n for pr, n in zip(pads, input_shape)):
+                raise ValueError(f"{where}: REFLECT padding {pads} needs an input larger than the pad, got {input_shape}")
+        elif p == "CAUSAL":
+            if nd != 1:
+                raise ValueError(f"{where}: CAUSAL padding is for 1-D convolutions only (input_shape {input_shape})")
+            mode, pads = "constant", ((k_eff[0] - 1, 0),)
+        else:
+            mode = "constant"
+            pads = tuple(tuple(int(x) for x in q) for q in jax.lax.padtype_to_pads(input_shape, k_eff, strides, p))
+    else:
+        mode = "constant"
+        items = [padding] * nd if isinstance(padding, (int, np.integer)) else padding
+        try:
+            items = list(items)
+        except TypeError:
+            raise TypeError(f"{where}: padding must be a string, an int or {nd} pads, got {padding!r}") from None
+        pads = []
+        for q in items:
+            if isinstance(q, (int, np.integer)) and not isinstance(q, bool):
+                pads.append((int(q), int(q)))
+            elif isinstance(q, Sequence) and len(q) == 2 and all(isinstance(x, (int, np.integer)) for x in q):
+                pads.append((int(q[0]), int(q[1])))
+            else:
+                raise ValueError(f"{where}: invalid padding {padding!r}: each entry is an int or a (low, high) pair")
+        if len(pads) != nd:
+            raise ValueError(f"{where}: padding {padding!r} has {len(pads)} entries for {nd} spatial axes")
+        pads = tuple(pads)
+    padded = tuple(n + lo + hi for n, (lo, hi) in zip(input_shape, pads))
+    out_shape = tuple((L - k) // s + 1 if L >= k else 0 for L, k, s in zip(padded, k_eff, strides))
+    if min(out_shape) < 1:
+        raise ValueError(
+            f"{where}: the convolution has an empty output: input {input_shape} padded to {padded} is smaller "
+            f"than the dilated kernel {k_eff}"
+        )
+    return ResolvedConv(tuple(range(nb)), input_shape, kernel_size, cin_g * g, cout, strides, dilation, mode, pads, g, out_shape)
+
+
+def resolve_spec(dims: Any, path: str, leaf: Any, name: str):
+    """The per-leaf view for the spectral constraints: a matrix view or a convolution.
+
+    ``dims`` is ``None``, a ``MatrixDims``, a :class:`ConvSpec`, a mapping from regular
+    expressions (searched in the path) to any of those (the first match wins; no match means
+    the default matrix view), or a callable ``(path, leaf) -> any of those``.
+    """
+    if isinstance(dims, Mapping):
+        for pattern, spec in dims.items():
+            if re.search(pattern, path):
+                dims = spec
+                break
+        else:
+            dims = None
+    elif callable(dims) and not isinstance(dims, tuple):
+        dims = dims(path, leaf)
+        if isinstance(dims, Mapping):
+            raise TypeError(f"{name}: the dims callable returned a mapping for leaf {path!r}")
+    if isinstance(dims, ConvSpec):
+        return resolve_conv(dims, path, leaf, name)
+    return resolve_dims(dims, path, leaf, name)
+
+
+def _spec(kernel: Any, spec: Any, name: str) -> ResolvedConv:
+    return spec if isinstance(spec, ResolvedConv) else resolve_conv(spec, "<kernel>", kernel, name)
+
+
+# ----------------------------------------------------------------------------------------
+# The operator and its transpose (one sample; kernels with batch axes are vmapped)
+# ----------------------------------------------------------------------------------------
+
+
+def _dimension_numbers(nd: int) -> jax.lax.ConvDimensionNumbers:
+    lhs = (0, nd + 1) + tuple(range(1, nd + 1))  # N, C, spatial... of (N, *spatial, C)
+    rhs = (nd + 1, nd) + tuple(range(nd))  # O, I, spatial... of (*spatial, I, O)
+    return jax.lax.ConvDimensionNumbers(lhs, rhs, lhs)
+
+
+def _apply_one(kernel: jax.Array, x: jax.Array, c: ResolvedConv) -> jax.Array:
+    """``conv(x, kernel)`` for one sample ``x`` of shape ``(*input_shape, in)``, as Flax computes it."""
+    x = x[None]
+    if c.pad_mode == "constant":
+        padding = c.pads
+    else:
+        x = jnp.pad(x, ((0, 0),) + c.pads + ((0, 0),), mode=c.pad_mode)
+        padding = ((0, 0),) * c.nd
+    y = jax.lax.conv_general_dilated(
+        x,
+        kernel.astype(x.dtype),
+        c.strides,
+        padding,
+        rhs_dilation=c.dilation,
+        dimension_numbers=_dimension_numbers(c.nd),
+        feature_group_count=c.groups,
+        precision=HIGHEST,
+        preferred_element_type=x.dtype,
+    )
+    return y[0]
+
+
+def _batched(fn, nb: int):
+    for _ in range(nb):
+        fn = jax.vmap(fn)
+    return fn
+
+
+def conv_operator(kernel: jax.Array, spec: ConvSpec | ResolvedConv):
+    """``(apply, apply_t)``: the map :math:`x \\mapsto \\mathrm{conv}(x, K)` and its transpose.
+
+    ``apply`` takes ``batch_shape + input_shape + (in,)`` and returns
+    ``batch_shape + output_shape + (out,)``; ``apply_t`` goes back (``jax.linear_transpose``).
+    Both run at ``Precision.HIGHEST`` in float32 (float64 for a float64 kernel).
+
+    >>> import jax.numpy as jnp
+    >>> apply, apply_t = conv_operator(jnp.ones((3, 1, 1)), ConvSpec((4,), padding="CIRCULAR"))
+    >>> apply(jnp.arange(4.0)[:, None])[:, 0]
+    Array([4., 3., 6., 5.], dtype=float32)
+    """
+    kernel = jnp.asarray(kernel)
+    c = _spec(kernel, spec, "conv_operator")
+    acc = acc_dtype(kernel.dtype)
+    k = kernel.astype(acc)
+    nb = len(c.batch)
+    x_struct = jax.ShapeDtypeStruct(c.input_shape + (c.in_channels,), acc)
+
+    def one_t(kk, y):
+        return jax.linear_transpose(lambda x: _apply_one(kk, x, c), x_struct)(y)[0]
+
+    apply = _batched(lambda kk, x: _apply_one(kk, x, c), nb)
+    apply_t = _batched(one_t, nb)
+    return (lambda x: apply(k, x.astype(acc))), (lambda y: apply_t(k, y.astype(acc)))
+
+
+def init_conv_power_vector(key: jax.Array, kernel: Any, spec: ConvSpec | ResolvedConv) -> jax.Array:
+    """A random unit input, shape ``batch_shape + input_shape + (in,)``: the first power vector.
+
+    >>> import jax, jax.numpy as jnp
+    >>> init_conv_power_vector(jax.random.key(0), jnp.ones((3, 3, 2, 4)), ConvSpec((8, 8))).shape
+    (8, 8, 2)
+    """
+    c = _spec(kernel, spec, "init_conv_power_vector")
+    shape = tuple(np.shape(kernel)[: len(c.batch)]) + c.input_shape + (c.in_channels,)
+    u = jax.random.normal(key, shape, acc_dtype(jnp.result_type(kernel)))
+    axes = tuple(range(len(c.batch), len(shape)))
+    return u / jnp.sqrt(jnp.sum(u * u, axis=axes, keepdims=True))
+
+
+def conv_sigma_power(
+    kernel: jax.Array, u: jax.Array, spec: ConvSpec | ResolvedConv, *, num_iters: int = 1
+) -> tuple[jax.Array, jax.Array]:
+    r"""Operator norm of the convolution by power iteration, warm-started from ``u``.
+
+    Each iteration runs the convolution once and its transpose once:
+    :math:`v = A u / \lVert A u \rVert`, :math:`u' = A^\top v / \lVert A^\top v\rVert`,
+    :math:`\hat\sigma = \lVert A^\top v \rVert \le \lVert A \rVert_2` (a lower bound that
+    tightens as ``u`` converges; Gouk et al. 2021 use it the same way). A zero kernel gives 0.
+
+    Args:
+      kernel: ``(*batch, *kernel_size, in // groups, out)``.
+      u: the previous input-space vector, ``batch_shape + input_shape + (in,)``
+        (:func:`init_conv_power_vector` makes the first).
+      spec: the :class:`ConvSpec`.
+      num_iters: iterations, ``>= 1``.
+
+    Returns:
+      ``(sigma, u)``: the estimate (shape ``batch_shape``) and the new unit vector.
+
+    >>> import jax, jax.numpy as jnp
+    >>> k = jnp.zeros((3, 1, 1)).at[:, 0, 0].set(jnp.array([1.0, 2.0, 1.0]))
+    >>> spec = ConvSpec((8,), padding="CIRCULAR")           # symbol 2 + 2cos(w): norm 4
+    >>> u0 = init_conv_power_vector(jax.random.key(0), k, spec)
+    >>> round(float(conv_sigma_power(k, u0, spec, num_iters=50)[0]), 4)
+    4.0
+
+    References:
+      Gouk, Frank, Pfahringer & Cree, "Regularisation of neural networks by enforcing
+      Lipschitz continuity", Machine Learning 2021.
+    """
+    if isinstance(num_iters, bool) or int(num_iters) < 1:
+        raise ValueError(f"conv_sigma_power: num_iters must be >= 1, got {num_iters}")
+    kernel = jnp.asarray(kernel)
+    c = _spec(kernel, spec, "conv_sigma_power")
+    expected = tuple(kernel.shape[: len(c.batch)]) + c.input_shape + (c.in_channels,)
+    if tuple(np.shape(u)) != expected:
+        raise ValueError(f"conv_sigma_power: u has shape {np.shape(u)}, expected {expected} (batch + input_shape + (in,))")
+    apply, apply_t = conv_operator(kernel, c)
+    return power_loop(apply, apply_t, u, len(c.batch), int(num_iters), acc_dtype(kernel.dtype))
+
+
+# ----------------------------------------------------------------------------------------
+# Fourier view: the per-frequency matrices of a (strided) circular convolution
+# ----------------------------------------------------------------------------------------
+
+
+def _fourier_layout(c: ResolvedConv, circular_exact: bool):
+    """Grid, effective strides and tap offsets of the circular convolution that holds ``c``.
+
+    Circular padding: the operator *is* a circular convolution on ``input_shape`` (strided
+    when every stride divides its axis). Zero padding: the input, zero-padded, embeds
+    isometrically in a grid of ``n + low + high`` rounded up to a stride multiple, on which the
+    strided circular convolution never wraps for the outputs kept; the operator is a row and
+    column selection of it, so its norm is at most that convolution's.
+    """
+    if c.pad_mode == "reflect":
+        return None
+    if c.pad_mode == "wrap":
+        divisible = all(n % s == 0 for n, s in zip(c.input_shape, c.strides))
+        if not divisible and circular_exact:
+            return None
+        strides = c.strides if divisible else (1,) * c.nd
+        grid = c.input_shape
+        offsets = tuple(lo for lo, _ in c.pads)
+    else:
+        strides = c.strides
+        grid = tuple(s * -(-(n + lo + hi) // s) for n, (lo, hi), s in zip(c.input_shape, c.pads, c.strides))
+        offsets = (0,) * c.nd
+    # tap t of axis j sits at t*d - offset; polyphase: phase r = pos mod s, shift (pos - r)/s mod m
+    phase, shift = [], []
+    for j in range(c.nd):
+        pos = np.arange(c.kernel_size[j]) * c.dilation[j] - offsets[j]
+        r = np.mod(pos, strides[j])
+        phase.append(r)
+        shift.append(np.mod((pos - r) // strides[j], grid[j] // strides[j]))
+    return grid, strides, phase, shift
+
+
+def _embed_index(c: ResolvedConv, layout):
+    grid, strides, phase, shift = layout
+    nd = c.nd
+    sh = np.meshgrid(*shift, indexing="ij")
+    ph = np.meshgrid(*phase, indexing="ij")
+    m = tuple(n // s for n, s in zip(grid, strides))
+    return tuple(sh) + tuple(ph), m + tuple(strides), nd
+
+
+def _fourier_matrices(kernel: jax.Array, c: ResolvedConv, layout) -> tuple[jax.Array, tuple]:
+    """Per-frequency matrices ``(F * groups, phases * in_g, out_g)`` of one kernel (no batch axes).
+
+    Uses ``rfftn``: the matrices of frequencies ``w`` and ``-w`` are complex conjugates, with
+    the same singular values, so half the frequencies suffice.
+    """
+    index, grid_shape, nd = _embed_index(c, layout)
+    cin_g, cout = kernel.shape[-2:]
+    g = c.groups
+    e = jnp.zeros(grid_shape + (cin_g, cout), kernel.dtype).at[index].add(kernel)
+    f = jnp.fft.rfftn(e, axes=tuple(range(nd)))
+    spectrum = f.shape[:nd]
+    phases = int(np.prod(grid_shape[nd:]))
+    f = f.reshape((-1, phases, cin_g, g, cout // g))
+    f = jnp.transpose(f, (0, 3, 1, 2, 4)).reshape((-1, phases * cin_g, cout // g))
+    return f, spectrum
+
+
+def _stack_over_batch(kernel: jax.Array, c: ResolvedConv, fn) -> jax.Array:
+    """Applies ``fn`` to every kernel of the batch axes; returns ``batch_shape`` results."""
+    nb = len(c.batch)
+    flat = kernel.reshape((-1,) + kernel.shape[nb:])
+    out = jax.vmap(fn)(flat) if nb else fn(flat[0])[None]
+    return out.reshape(kernel.shape[:nb])
+
+
+def _fft_error(layout, dtype) -> float:
+    """Relative error allowance of a float FFT on the grid (a few eps per butterfly level)."""
+    grid = layout[0]
+    return 8.0 * float(np.finfo(dtype).eps) * (1 + math.log2(max(2, int(np.prod(grid)))))
+
+
+def conv_sigma_fft(kernel: jax.Array, spec: ConvSpec | ResolvedConv) -> jax.Array:
+    r"""Exact operator norm of a circular convolution from its Fourier matrices.
+
+    For circular padding the convolution is diagonalised by the DFT: with :math:`\hat K(\omega)`
+    the ``in x out`` matrix of the kernel's DFT at frequency :math:`\omega`, the singular
+    values of the operator are those of all the :math:`\hat K(\omega)` (Sedghi, Gupta & Long
+    2019), so :math:`\lVert A \rVert_2 = \max_\omega \sigma_{\max}(\hat K(\omega))`. A stride
+    ``s`` dividing the input splits the input into :math:`s^d` phases (polyphase), giving
+    ``s^d * in x out`` matrices on the ``n / s`` grid; groups give one matrix per group.
+
+    Raises ``ValueError`` for non-circular padding (use ``"gram"`` or ``"power"``) or a
+    stride that does not divide the input.
+
+    >>> import jax.numpy as jnp
+    >>> k = jnp.zeros((3, 1, 1)).at[:, 0, 0].set(jnp.array([1.0, 2.0, 1.0]))
+    >>> float(conv_sigma_fft(k, ConvSpec((8,), padding="CIRCULAR")))
+    4.0
+
+    References:
+      Sedghi, Gupta & Long, "The singular values of convolutional layers", ICLR 2019.
+    """
+    kernel = jnp.asarray(kernel)
+    c = _spec(kernel, spec, "conv_sigma_fft")
+    layout = _fourier_layout(c, circular_exact=True) if c.pad_mode == "wrap" else None
+    if layout is None:
+        raise ValueError(_fft_unsupported(c, "conv_sigma_fft"))
+    k = kernel.astype(acc_dtype(kernel.dtype))
+
+    def one(kk):
+        f, _ = _fourier_matrices(kk, c, layout)
+        return jnp.max(jnp.linalg.svd(f, compute_uv=False)[:, 0])
+
+    return _stack_over_batch(k, c, one)
+
+
+def _fft_unsupported(c: ResolvedConv, name: str) -> str:
+    if c.pad_mode != "wrap":
+        mode = "REFLECT" if c.pad_mode == "reflect" else f"zero padding {c.pads}"
+        return (
+            f"{name}: the FFT method is exact for CIRCULAR padding only, not {mode}; use method='gram' "
+            f"(a certified upper bound), 'power' (a lower bound) or 'svd' (exact, small inputs)"
+        )
+    return f"{name}: strides {c.strides} must divide the input shape {c.input_shape} for the exact FFT method"
+
+
+def conv_sigma_gram(kernel: jax.Array, spec: ConvSpec | ResolvedConv, *, num_iters: int = 8) -> jax.Array:
+    r"""Certified upper bound on the operator norm by Gram iteration on the Fourier matrices.
+
+    The operator is (a row and column selection of) a circular convolution whose norm is
+    :math:`\max_\omega \sigma_{\max}(\hat K(\omega))` (see :func:`conv_sigma_fft`): for
+    circular padding on the input grid itself, for zero padding (``SAME``, ``VALID``, explicit,
+    ``CAUSAL``) on the grid of the padded input, where it never wraps (Delattre et al. 2024).
+    Each :math:`\hat K(\omega)` is bounded by Gram iteration (:func:`sigma_gram`, Delattre et
+    al. 2023) and the maximum is taken, so the result is never below the true norm; the
+    bound is multiplied by ``1 + margin`` to cover float rounding of the FFT and products.
+    For zero padding it is the circular norm of the grown grid, a few percent above the true
+    norm on small inputs, tight on large ones. REFLECT padding has no such bound (ValueError).
+
+    >>> import jax.numpy as jnp
+    >>> k = jnp.zeros((3, 1, 1)).at[:, 0, 0].set(jnp.array([1.0, 2.0, 1.0]))
+    >>> 4.0 <= float(conv_sigma_gram(k, ConvSpec((8,), padding="CIRCULAR"))) < 4.001
+    True
+
+    References:
+      Delattre, Barthélemy, Araujo & Allauzen, "Efficient bound of Lipschitz constant for
+      convolutional layers by Gram iteration", ICML 2023.
+      Delattre, Barthélemy & Allauzen, "Spectral norm of convolutional layers with circular
+      and zero paddings", 2024.
+    """
+    if isinstance(num_iters, bool) or int(num_iters) < 1:
+        raise ValueError(f"conv_sigma_gram: num_iters must be >= 1, got {num_iters}")
+    kernel = jnp.asarray(kernel)
+    c = _spec(kernel, spec, "conv_sigma_gram")
+    layout = _fourier_layout(c, circular_exact=False)
+    if layout is None:
+        raise ValueError(
+            "conv_sigma_gram: REFLECT padding duplicates border pixels and has no certified Fourier "
+            "bound here; use method='power' or 'svd'"
+        )
+    k = kernel.astype(acc_dtype(kernel.dtype))
+    extra = _fft_error(layout, k.dtype)
+
+    def one(kk):
+        f, _ = _fourier_matrices(kk, c, layout)
+        return jnp.max(gram_stack(f, int(num_iters), extra))
+
+    return _stack_over_batch(k, c, one)
+
+
+def conv_sigma_svd(kernel: jax.Array, spec: ConvSpec | ResolvedConv) -> jax.Array:
+    """Exact operator norm: the FFT for circular padding, else the SVD of the materialised operator.
+
+    The dense path builds the ``(prod(input_shape) * in) x (prod(output_shape) * out)``
+    matrix and raises ``ValueError`` above 2**26 entries (use ``"gram"`` or ``"power"``).
+    """
+    kernel = jnp.asarray(kernel)
+    c = _spec(kernel, spec, "conv_sigma_svd")
+    if c.pad_mode == "wrap" and all(n % s == 0 for n, s in zip(c.input_shape, c.strides)):
+        return conv_sigma_fft(kernel, c)
+    n_in = int(np.prod(c.input_shape)) * c.in_channels
+    n_out = int(np.prod(c.output_shape)) * c.out_channels
+    if n_in * n_out > DENSE_LIMIT:
+        raise ValueError(
+            f"conv_sigma_svd: the operator is {n_in} x {n_out}, too large to materialise "
+            f"(limit {DENSE_LIMIT} entries); use method='gram' (certified bound) or 'power'"
+        )
+    acc = acc_dtype(kernel.dtype)
+    k = kernel.astype(acc)
+    basis = jnp.eye(n_in, dtype=acc).reshape((n_in,) + c.input_shape + (c.in_channels,))
+
+    def one(kk):
+        mat = jax.vmap(lambda e: _apply_one(kk, e, c))(basis).reshape(n_in, n_out)
+        return jnp.linalg.svd(mat, compute_uv=False)[0]
+
+    return _stack_over_batch(k, c, one)
+
+
+def conv_clip(kernel: jax.Array, max_value: Any, spec: ConvSpec | ResolvedConv) -> tuple[jax.Array, jax.Array]:
+    r"""Pulls a circular convolution into the operator-norm ball by clipping in the Fourier domain.
+
+    Sedghi, Gupta & Long (2019): clip the singular values of every :math:`\hat K(\omega)` at
+    :math:`c` (the exact Euclidean projection among circular convolutions of full support),
+    go back to the spatial domain and keep the kernel's own taps (the Euclidean projection
+    onto kernels of this size). The two projections do not commute, so the result is then
+    rescaled by :math:`\min(1, c / \lVert A \rVert)` with its exact FFT norm: it is inside the
+    ball for sure, and closer to the original than plain rescaling when few frequencies are
+    over the bound. Kernels already inside come back bit for bit. Circular padding only.
+
+    Returns ``(kernel_new, sigma)`` with ``sigma`` the exact norm before (``batch_shape``).
+
+    >>> import jax.numpy as jnp
+    >>> k = jnp.zeros((3, 1, 1)).at[:, 0, 0].set(jnp.array([1.0, 2.0, 1.0]))
+    >>> spec = ConvSpec((8,), padding="CIRCULAR")
+    >>> k_new, sigma = conv_clip(k, 2.0, spec)
+    >>> float(sigma), float(conv_sigma_fft(k_new, spec)) <= 2.0
+    (4.0, True)
+    """
+    kernel = jnp.asarray(kernel)
+    c = _spec(kernel, spec, "conv_clip")
+    layout = _fourier_layout(c, circular_exact=True) if c.pad_mode == "wrap" else None
+    if layout is None:
+        raise ValueError(_fft_unsupported(c, "conv_clip").replace("FFT method", "Fourier clip"))
+    acc = acc_dtype(kernel.dtype)
+    k = kernel.astype(acc)
+    cval = jnp.asarray(max_value, acc)
+    index, grid_shape, nd = _embed_index(c, layout)
+    counts = np.zeros(grid_shape, np.int64)
+    np.add.at(counts, index, 1)
+    tap_counts = counts[index].astype(acc)  # taps sharing a slot split its value evenly
+    cin_g, cout = kernel.shape[-2:]
+    g = c.groups
+    m = grid_shape[:nd]
+    phases = int(np.prod(grid_shape[nd:]))
+
+    def one(kk):
+        f, spectrum = _fourier_matrices(kk, c, layout)
+        y, s = clip_stack(f, cval)
+        y = y.reshape((-1, g, phases, cin_g, cout // g))
+        y = jnp.transpose(y, (0, 2, 3, 1, 4)).reshape(spectrum + grid_shape[nd:] + (cin_g, cout))
+        e = jnp.fft.irfftn(y, s=m, axes=tuple(range(nd))).astype(acc)
+        k_new = e[index] / tap_counts.reshape(tap_counts.shape + (1, 1))
+        f_new, _ = _fourier_matrices(k_new, c, layout)
+        s_new = jnp.max(jnp.linalg.svd(f_new, compute_uv=False)[:, 0])
+        k_new = k_new * jnp.where(s_new > cval, cval / jnp.where(s_new > cval, s_new, 1), 1)
+        sigma = jnp.max(s)
+        return jnp.where(sigma > cval, k_new, kk), sigma
+
+    nb = len(c.batch)
+    flat = k.reshape((-1,) + k.shape[nb:])
+    k_new, sigma = jax.vmap(one)(flat)
+    return k_new.reshape(kernel.shape).astype(kernel.dtype), sigma.reshape(kernel.shape[:nb])
+
+
+def conv_spectral_norm(
+    kernel: jax.Array,
+    input_shape: Sequence[int],
+    *,
+    strides: int | Sequence[int] = 1,
+    padding: Padding = "SAME",
+    kernel_dilation: int | Sequence[int] = 1,
+    feature_group_count: int = 1,
+    method: str = "power",
+    num_iters: int | None = None,
+    u: jax.Array | None = None,
+    seed: int = 0,
+) -> jax.Array:
+    r"""Operator norm :math:`\lVert x \mapsto \mathrm{conv}(x, K) \rVert_2` as Flax's ``nn.Conv`` applies it.
+
+    ``kernel`` has Flax's layout ``(*kernel_size, in // feature_group_count, out)``, optionally
+    behind batch axes (one norm each); the input is channels-last with spatial shape
+    ``input_shape``; ``strides``, ``padding``, ``kernel_dilation`` and ``feature_group_count``
+    mean what they mean for ``nn.Conv`` (see :class:`ConvSpec`). The norm depends on the input
+    size and the padding, and is *not* the largest singular value of the kernel reshaped to
+    ``(prod(kernel_size) * in, out)``: that number can be well below it (it is exact only for
+    1x1 kernels), and a network constrained by it is not 1-Lipschitz.
+
+    Methods:
+
+    - ``"power"`` (default): power iteration through the convolution and its transpose, a
+      lower bound; ``num_iters`` (default 100) from ``u`` or a random start seeded by ``seed``.
+    - ``"fft"``: exact, circular padding only (:func:`conv_sigma_fft`).
+    - ``"gram"``: certified upper bound, any padding but REFLECT (:func:`conv_sigma_gram`,
+      ``num_iters`` default 8).
+    - ``"svd"``: exact (FFT for circular padding, else the dense operator; small inputs).
+
+    Returns the norm in float32 (float64 for a float64 kernel), shape ``batch_shape``.
+
+    >>> import jax, jax.numpy as jnp, normjax as nj
+    >>> k = jax.random.normal(jax.random.key(0), (3, 3, 2, 4)) / 3
+    >>> exact = nj.conv_spectral_norm(k, (6, 6), method="svd")
+    >>> bound = nj.conv_spectral_norm(k, (6, 6), method="gram")
+    >>> low = nj.conv_spectral_norm(k, (6, 6), method="power")
+    >>> bool(low <= exact * (1 + 1e-5)) and bool(exact <= bound)
+    True
+    >>> reshaped = nj.sigma_svd(k)                          # the matrix view: not a bound
+    >>> bool(reshaped < exact)
+    True
+
+    References:
+      Sedghi, Gupta & Long, "The singular values of convolutional layers", ICLR 2019.
+      Delattre et al., "Efficient bound of Lipschitz constant for convolutional layers by
+      Gram iteration", ICML 2023. Gouk et al., "Regularisation of neural networks by
+      enforcing Lipschitz continuity", Machine Learning 2021.
+    """
+    name = "conv_spectral_norm"
+    if method not in CONV_METHODS:
+        raise ValueError(f"{name}: unknown method {method!r}; expected one of {CONV_METHODS}")
+    kernel = jnp.asarray(kernel)
+    if not jnp.issubdtype(kernel.dtype, jnp.floating):
+        raise TypeError(f"{name}: kernel must be floating point, got {kernel.dtype}")
+    spec = ConvSpec(input_shape, strides, padding, kernel_dilation, feature_group_count)
+    c = resolve_conv(spec, "kernel", kernel, name)
+    if method == "power":
+        iters = 100 if num_iters is None else num_iters
+        u0 = init_conv_power_vector(jax.random.key(seed), kernel, c) if u is None else u
+        return conv_sigma_power(kernel, u0, c, num_iters=iters)[0]
+    if method == "fft":
+        return conv_sigma_fft(kernel, c)
+    if method == "gram":
+        return conv_sigma_gram(kernel, c, num_iters=8 if num_iters is None else num_iters)
+    return conv_sigma_svd(kernel, c)
+
+
+
+# ----------------------------------------------------------------------------------------
+# One entry point per estimator for a leaf whose spec is a matrix view or a convolution
+# ----------------------------------------------------------------------------------------
+
+
+def is_conv(spec: Any) -> bool:
+    return isinstance(spec, ResolvedConv)
+
+
+def check_clip(spec: Any, path: str, name: str) -> None:
+    """``mode="clip"`` on a convolution needs the Fourier clip: circular padding, strides dividing."""
+    if is_conv(spec) and (spec.pad_mode != "wrap" or _fourier_layout(spec, circular_exact=True) is None):
+        raise ValueError(
+            f"{name}: mode='clip' on the convolution {path!r} needs CIRCULAR padding with strides dividing "
+            f"the input (the Fourier clip); its spec has padding {spec.pads} ({spec.pad_mode}) and strides "
+            f"{spec.strides}. Use mode='rescale'"
+        )
+
+
+def leaf_init_vector(key: jax.Array, w: Any, spec: Any, num_iters: int) -> jax.Array:
+    """A power vector for the leaf, converged by ``num_iters`` iterations from a random start."""
+    from normjax._norms import init_power_vector, sigma_power
+
+    if is_conv(spec):
+        return conv_sigma_power(w, init_conv_power_vector(key, w, spec), spec, num_iters=num_iters)[1]
+    return sigma_power(w, init_power_vector(key, w, spec), num_iters=num_iters, dims=spec)[1]
+
+
+def leaf_sigma(w: jax.Array, spec: Any, estimator: str, num_iters: int, u: jax.Array | None = None):
+    """``(sigma, new_u)`` for one leaf: ``"power"`` (needs ``u``), ``"gram"`` or ``"svd"`` (exact)."""
+    from normjax._norms import sigma_gram, sigma_power, sigma_svd
+
+    conv = is_conv(spec)
+    if estimator == "power":
+        if conv:
+            return conv_sigma_power(w, u, spec, num_iters=num_iters)
+        return sigma_power(w, u, num_iters=num_iters, dims=spec)
+    if estimator == "gram":
+        return (conv_sigma_gram(w, spec, num_iters=num_iters) if conv else sigma_gram(w, num_iters=num_iters, dims=spec)), None
+    return (conv_sigma_svd(w, spec) if conv else sigma_svd(w, dims=spec)), None
+
+
+def leaf_clip(w: jax.Array, max_value: Any, spec: Any) -> tuple[jax.Array, jax.Array]:
+    """``(w_new, sigma)``: the SVD clip of a matrix view, the Fourier clip of a circular convolution."""
+    from normjax._norms import clip_singular_values
+
+    if is_conv(spec):
+        return conv_clip(w, max_value, spec)
+    return clip_singular_values(w, max_value, dims=spec)
