@@ -542,9 +542,11 @@ def conv_clip(kernel: jax.Array, max_value: Any, spec: ConvSpec | ResolvedConv) 
     :math:`c` (the exact Euclidean projection among circular convolutions of full support),
     go back to the spatial domain and keep the kernel's own taps (the Euclidean projection
     onto kernels of this size). The two projections do not commute, so the result is then
-    rescaled by :math:`\min(1, c / \lVert A \rVert)` with its exact FFT norm: it is inside the
-    ball for sure, and closer to the original than plain rescaling when few frequencies are
-    over the bound. Kernels already inside come back bit for bit. Circular padding only.
+    rescaled by :math:`\min(1, c / \lVert A \rVert)` with its exact FFT norm, and compared
+    with plain rescaling :math:`K c / \lVert A \rVert`: the closer of the two (in Frobenius
+    norm) is returned. It is inside the ball for sure and never farther than rescaling; it
+    is much closer when only a few frequencies exceed the bound. Kernels already inside come
+    back bit for bit. Circular padding only.
 
     Returns ``(kernel_new, sigma)`` with ``sigma`` the exact norm before (``batch_shape``).
 
@@ -575,15 +577,22 @@ def conv_clip(kernel: jax.Array, max_value: Any, spec: ConvSpec | ResolvedConv) 
     def one(kk):
         f, spectrum = _fourier_matrices(kk, c, layout)
         y, s = clip_stack(f, cval)
-        y = y.reshape((-1, g, phases, cin_g, cout // g))
-        y = jnp.transpose(y, (0, 2, 3, 1, 4)).reshape(spectrum + grid_shape[nd:] + (cin_g, cout))
-        e = jnp.fft.irfftn(y, s=m, axes=tuple(range(nd))).astype(acc)
-        k_new = e[index] / tap_counts.reshape(tap_counts.shape + (1, 1))
+
+        def unstack(z):  # (F * g, phases * in_g, out_g) back to the rfftn layout of the embedding
+            z = z.reshape((-1, g, phases, cin_g, cout // g))
+            return jnp.transpose(z, (0, 2, 3, 1, 4)).reshape(spectrum + grid_shape[nd:] + (cin_g, cout))
+
+        y, f_full = unstack(y), unstack(f)
+        delta = jnp.fft.irfftn(y - f_full, s=m, axes=tuple(range(nd))).astype(acc)
+        # the nearest kernel whose embedding moved by delta: taps sharing a slot split its change
+        k_new = kk + delta[index] / tap_counts.reshape(tap_counts.shape + (1, 1))
         f_new, _ = _fourier_matrices(k_new, c, layout)
         s_new = jnp.max(jnp.linalg.svd(f_new, compute_uv=False)[:, 0])
         k_new = k_new * jnp.where(s_new > cval, cval / jnp.where(s_new > cval, s_new, 1), 1)
         sigma = jnp.max(s)
-        return jnp.where(sigma > cval, k_new, kk), sigma
+        k_rescaled = kk * (cval / jnp.where(sigma > cval, sigma, 1))
+        closer = jnp.sum((k_new - kk) ** 2) <= jnp.sum((k_rescaled - kk) ** 2)
+        return jnp.where(sigma > cval, jnp.where(closer, k_new, k_rescaled), kk), sigma
 
     nb = len(c.batch)
     flat = k.reshape((-1,) + k.shape[nb:])

@@ -190,6 +190,10 @@ def project_spectral_norm(
     - ``"rescale"``: :math:`W \min(1, c / s_1)`;
     - ``"normalize"``: :math:`W c / s_1` (spectral normalization; zero matrices stay zero).
 
+    A leaf that ``dims`` maps to a :class:`ConvSpec` (see :func:`spectral_norm`) is scaled by
+    the exact operator norm of its convolution; ``"clip"`` on it is the Fourier clip of
+    :func:`conv_clip` and needs circular padding.
+
     Matrices already inside the ball (``clip``, ``rescale``) come back bit for bit. The SVD
     needs the whole matrix, so a sharded leaf is gathered for it; the result keeps the
     leaf's sharding. ``where`` as in :func:`project_max_norm`.
@@ -235,6 +239,9 @@ def spectral_norms(
 
     ``estimator="svd"`` is exact; ``"gram"`` is the certified upper bound of
     :func:`sigma_gram` with ``num_iters`` iterations. Each value has the leaf's batch shape.
+    ``dims`` as in :func:`spectral_norm`: leaves mapped to a :class:`ConvSpec` report the
+    operator norm of their convolution (:func:`conv_sigma_gram`, or exact: the FFT for
+    circular padding, the materialised operator otherwise).
 
     >>> import jax.numpy as jnp, normjax as nj
     >>> nj.spectral_norms({"a": {"kernel": 2 * jnp.eye(3)}, "b": {"bias": jnp.ones(3)}})
@@ -269,10 +276,13 @@ def lipschitz_bound(
     ``scan``), each factor a certified upper bound from Gram iteration (``"gram"``) or the
     exact value (``"svd"``). Biases are not selected by default and do not matter.
 
-    It is a bound for a *sequential* network whose dense layers are exactly the selected
-    leaves. It does not cover residual connections (use :math:`\prod (1 + L_k)`), attention,
-    or convolutions viewed as reshaped matrices (whose operator norm can exceed the matrix
-    view's sigma).
+    It is a bound for a *sequential* network whose linear layers are exactly the selected
+    leaves. Convolution kernels need ``dims`` rules mapping them to a :class:`ConvSpec`, so
+    their factor is the operator norm of the convolution (:func:`conv_sigma_gram` or exact);
+    a kernel left to the default matrix view contributes the reshaped-kernel sigma, which is
+    *not* a bound on the convolution and makes the product no certificate. It does not cover
+    residual connections (use :math:`\prod (1 + L_k)`) or attention. Flatten, ReLU, max
+    pooling and average pooling (norm at most 1) can sit between the layers.
 
     >>> import jax.numpy as jnp, normjax as nj
     >>> params = {"l1": {"kernel": 2 * jnp.eye(3)}, "l2": {"kernel": 0.5 * jnp.ones((3, 1))}}

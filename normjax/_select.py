@@ -215,9 +215,11 @@ class MatrixDims(NamedTuple):
     out_axes: int | Sequence[int]
 
 
-Dims: TypeAlias = None | MatrixDims | Callable[[str, Any], "MatrixDims | None"]
-"""Matrix view: ``None`` (rows = all axes but the last, columns = the last), a
-:class:`MatrixDims`, or a callable ``(path, leaf) -> MatrixDims | None`` per leaf."""
+Dims: TypeAlias = Any
+"""View of a leaf for the spectral constraints: ``None`` (rows = all axes but the last,
+columns = the last), a :class:`MatrixDims`, a ``ConvSpec`` (the leaf is a convolution
+kernel), a mapping ``{regex: view}`` searched in the leaf's path, or a callable
+``(path, leaf) -> view``."""
 
 
 class ResolvedDims(NamedTuple):
