@@ -20,6 +20,7 @@ $(VENV)/.bench-deps: pyproject.toml | $(VENV)/bin/python
 demo: $(VENV)/.test-deps
 	$(PY) examples/maxnorm_digits.py
 	$(PY) examples/spectral_digits.py
+	$(PY) examples/conv_digits.py
 
 test: $(VENV)/.test-deps
 	$(PY) -m pytest -q
@@ -27,6 +28,7 @@ test: $(VENV)/.test-deps
 bench: $(VENV)/.bench-deps
 	$(PY) benchmarks/bench_maxnorm.py
 	$(PY) benchmarks/bench_spectral.py
+	$(PY) benchmarks/bench_conv.py
 	$(PY) benchmarks/power_tracking.py
 
 clean:

@@ -1,4 +1,4 @@
-"""Shared by the digits examples: scikit-learn's 8x8 digits, standardized, and the MLP.
+"""Shared by the digits examples: scikit-learn's 8x8 digits (standardized vectors or [0, 1] images), the MLP.
 
 Not an example itself (the leading underscore keeps it out of ``tests/test_examples.py``).
 The scripts in this folder import it as ``from _digits import ...``: Python puts a script's
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -46,6 +47,38 @@ def load_data(seed: int):
     return (f32(x_train), y_train.astype(np.int32)), (f32(x_test), y_test.astype(np.int32))
 
 
+def load_images(seed: int):
+    """The same split as :func:`load_data`, as ``(N, 8, 8, 1)`` images with pixels in [0, 1].
+
+    No standardization: the raw 0-16 intensities divided by 16, channels last as
+    ``flax.linen.Conv`` expects. Norms and Lipschitz constants are in these pixel units.
+    """
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+    img = lambda a: (a / 16.0).reshape(-1, 8, 8, 1).astype(np.float32)  # noqa: E731
+    return (img(x_train), y_train.astype(np.int32)), (img(x_test), y_test.astype(np.int32))
+
+
+def standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` traced under JAX's standard dtype promotion, whatever the global mode.
+
+    optax's Adam computes its bias correction as ``b1 ** count`` (a Python float to an int32
+    power), which ``jax_numpy_dtype_promotion="strict"`` rejects. The smoke test runs every
+    example under strict promotion; this wrapper relaxes it for ``tx`` alone, so the rest of
+    the step (normjax included) is still checked. Without strict mode it changes nothing.
+    """
+
+    def init_fn(params):
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.init(params)
+
+    def update_fn(updates, state, params=None):
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.update(updates, state, params)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def batches(n: int, batch: int, steps: int, seed: int):
     """``steps`` index batches; a fresh permutation every epoch, the last partial batch dropped."""
     rng = np.random.default_rng(seed)
@@ -57,13 +90,20 @@ def batches(n: int, batch: int, steps: int, seed: int):
         yield perm[i * batch : (i + 1) * batch]
 
 
-def parse_args(doc: str, steps: int, quick_steps: int, default_out: Path, argv: list[str] | None = None):
+def parse_args(
+    doc: str,
+    steps: int,
+    quick_steps: int,
+    default_out: Path,
+    argv: list[str] | None = None,
+    out_help: str = "the PNG to write",
+):
     """The command line every digits example shares: ``--quick`` (or ``NORMJAX_QUICK=1``),
-    ``--steps`` and ``--out``. Returns ``(steps, out_path)``."""
+    ``--steps`` and ``--out`` (``out_help`` describes it). Returns ``(steps, out_path)``."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"smoke run, {quick_steps} steps a run (or NORMJAX_QUICK=1)")
     parser.add_argument("--steps", type=int, default=None, help=f"steps a run (default {steps})")
-    parser.add_argument("--out", type=Path, default=default_out, help=f"the PNG to write (default {default_out})")
+    parser.add_argument("--out", type=Path, default=default_out, help=f"{out_help} (default {default_out})")
     args = parser.parse_args(argv)
     quick = args.quick or os.environ.get("NORMJAX_QUICK", "") not in ("", "0")
     return args.steps or (quick_steps if quick else steps), args.out

@@ -690,6 +690,30 @@ def check_clip(spec: Any, path: str, name: str) -> None:
         )
 
 
+def check_estimator(spec: Any, estimator: str, path: str, name: str) -> None:
+    """Refuses, naming the leaf, a convolution the estimator cannot handle (at init/trace time).
+
+    ``"gram"`` has no certified Fourier bound for REFLECT padding; ``"svd"`` on a non-circular
+    convolution materialises the operator and is refused above :data:`DENSE_LIMIT` entries.
+    """
+    if not is_conv(spec):
+        return
+    if estimator == "gram" and spec.pad_mode == "reflect":
+        raise ValueError(
+            f"{name}: estimator='gram' on the convolution {path!r}: REFLECT padding duplicates border "
+            f"pixels and has no certified Fourier bound; use estimator='power' or 'svd', or another padding"
+        )
+    fft_exact = spec.pad_mode == "wrap" and _fourier_layout(spec, circular_exact=True) is not None
+    if estimator == "svd" and not fft_exact:
+        n_in = int(np.prod(spec.input_shape)) * spec.in_channels
+        n_out = int(np.prod(spec.output_shape)) * spec.out_channels
+        if n_in * n_out > DENSE_LIMIT:
+            raise ValueError(
+                f"{name}: estimator='svd' on the convolution {path!r} would materialise a {n_in} x {n_out} "
+                f"operator (limit {DENSE_LIMIT} entries); use estimator='gram' (certified bound) or 'power'"
+            )
+
+
 def leaf_init_vector(key: jax.Array, w: Any, spec: Any, num_iters: int) -> jax.Array:
     """A power vector for the leaf, converged by ``num_iters`` iterations from a random start."""
     from normjax._norms import init_power_vector, sigma_power

@@ -18,7 +18,7 @@ from normjax._norms import (
     spectral_scale,
     unit_norms,
 )
-from normjax._conv import check_clip, leaf_clip, leaf_init_vector, leaf_sigma, resolve_spec
+from normjax._conv import check_clip, check_estimator, leaf_clip, leaf_init_vector, leaf_sigma, resolve_spec
 from normjax._project import _check_min_max, check_mode
 from normjax._select import Axis, Dims, PyTree, Where, check_scalar, resolve_axes, select
 
@@ -326,6 +326,8 @@ def spectral_norm(
         spec = resolve_spec(dims, path, leaf, name)
         if mode == "clip":
             check_clip(spec, path, name)
+        else:
+            check_estimator(spec, estimator, path, name)
         return spec
 
     def init_fn(params: PyTree) -> SpectralNormState:

@@ -48,6 +48,7 @@ def _import_example(script: str):
     try:
         spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / "examples" / script)
         example = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = example  # flax.linen modules (dataclasses) look themselves up there
         spec.loader.exec_module(example)
     finally:
         sys.path.remove(folder)
@@ -125,11 +126,55 @@ def _check_spectral_digits(stdout: str, tmp_path: Path) -> None:
         assert float(layer["final (SVD)"]) <= example.SPECTRAL_BOUND * (1 + 1e-6), layer
 
 
+def _check_conv_digits(stdout: str, tmp_path: Path) -> None:
+    example = _import_example("conv_digits.py")
+    out = tmp_path / "conv_digits.md"
+    assert out.is_file() and out.read_text().startswith("# conv_digits"), f"no markdown at {out}"
+    names = list(example.make_runs())
+    rows = {row["run"]: row for row in _table(stdout, "run ")}
+    assert list(rows) == names and len(names) == 2, f"runs {list(rows)}, expected {names}:\n{stdout}"
+    op, mat = (rows[n] for n in names)
+    assert op["constraint view"] == "ConvSpec rules" and mat["constraint view"] == "reshaped kernel", rows
+    f = lambda row, col: float(row[col].rstrip("%"))  # noqa: E731
+    n_layers = 3
+    for row in rows.values():
+        # Both claim the bound they were trained to (Gram, certified, in their own view).
+        assert f(row, "claimed L") <= example.SPECTRAL_BOUND**n_layers * (1 + 1e-5), row
+        # Certified (Gram, true operator norms) >= exact >= every lower bound found.
+        assert f(row, "certified L") >= f(row, "exact L") * (1 - 1e-5), row
+        assert f(row, "exact L") >= max(f(row, "max |J| test"), f(row, "max |J| search")) * (1 - 1e-4), row
+        cert = [f(row, f"cert {e:g}") for e in example.EPSILONS]
+        assert all(a >= b for a, b in zip(cert, cert[1:])) and cert[0] <= f(row, "test acc"), row
+        assert f(row, "test acc") > 50.0, row  # both learn something, even in the quick run
+    # (a) is 1-Lipschitz for sure; (b)'s matrix-view claim is false: the network stretches more.
+    assert f(op, "certified L") <= example.SPECTRAL_BOUND**n_layers * (1 + 1e-5), op
+    assert f(mat, "max |J| search") > f(mat, "claimed L") * 1.05, mat
+    assert f(mat, "certified L") > 1.5 * f(mat, "claimed L"), mat
+
+    kernels = _table(stdout, "kernel ")
+    assert len(kernels) == 2 * n_layers, kernels
+    for k in kernels:
+        op_norm, gram = f(k, "operator norm"), f(k, "Gram bound")
+        assert gram >= op_norm * (1 - 1e-5), k  # the certified bound is never below the exact norm
+        if k["|conv(u)| / |u|"] != "n/a":  # flax's Conv never stretches more than the exact norm
+            assert f(k, "|conv(u)| / |u|") <= op_norm * (1 + 1e-4), k
+        if k["kernel"].startswith(names[0]):  # (a): every kernel inside its ball in its own view
+            assert gram <= example.SPECTRAL_BOUND * (1 + 1e-5), k
+        elif "Conv" in k["kernel"]:  # (b): matrix view held at 1, operator norm well above it
+            assert f(k, "matrix-view sigma") <= example.SPECTRAL_BOUND * (1 + 1e-5), k
+            assert op_norm > 1.1 * example.SPECTRAL_BOUND, k
+
+
 EXTRA_ARGS = {
     "maxnorm_digits.py": lambda tmp_path: ["--out", str(_png(tmp_path))],
     "spectral_digits.py": lambda tmp_path: ["--out", str(_png(tmp_path, "spectral_digits.py"))],
+    "conv_digits.py": lambda tmp_path: ["--out", str(tmp_path / "conv_digits.md")],
 }
-CHECKS = {"maxnorm_digits.py": _check_maxnorm_digits, "spectral_digits.py": _check_spectral_digits}
+CHECKS = {
+    "maxnorm_digits.py": _check_maxnorm_digits,
+    "spectral_digits.py": _check_spectral_digits,
+    "conv_digits.py": _check_conv_digits,
+}
 
 
 @pytest.mark.slow
@@ -144,6 +189,6 @@ def test_example_runs(script: Path, tmp_path: Path) -> None:
 
 def test_examples_found() -> None:
     names = {s.name for s in SCRIPTS}
-    assert {"maxnorm_digits.py", "spectral_digits.py"} <= names, names
+    assert {"maxnorm_digits.py", "spectral_digits.py", "conv_digits.py"} <= names, names
     assert not any(name.startswith("_") for name in names), names  # _digits.py is shared code
     assert set(CHECKS) <= names and set(EXTRA_ARGS) <= names
