@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shlex
 import statistics
 import sys
 import time
@@ -506,12 +505,7 @@ def est_flops(name: str, ch: int, n: int, shapes: dict) -> float | None:
 
 
 def report(args, info, step, est, walls: dict, total: float) -> str:
-    cmd = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/bench_conv.py", *sys.argv[1:]])
-    how = "what `make bench` runs" if len(sys.argv) == 1 else "`make bench` runs it without flags"
-    L = ["## Convolution operator norm: step time and estimator cost (`benchmarks/bench_conv.py`)\n"]
-    L.append(f"Command: `{cmd}` ({how}), {time.strftime('%Y-%m-%d %H:%M %Z')}; normjax {M._git_state()}.\n")
-    L.append("### Machine\n")
-    L.append(C.md_kv(info) + "\n")
+    L = C.report_header("bench_conv.py", "Convolution operator norm: step time and estimator cost", M._git_state(), info)
 
     # 1. step
     L.append(f"### 1. Step time ({step['warmup']} warmup + {step['rounds']} rounds, one interleaved run over every case "
@@ -626,14 +620,8 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
     import jax  # first, so XLA_FLAGS from the environment apply
 
-    walls: dict[str, float] = {}
-
-    def timed(label, fn, *a):
-        t0 = time.perf_counter()
-        out = fn(*a)
-        walls[label] = time.perf_counter() - t0
-        log(f"[{label}] done in {walls[label]:.0f} s")
-        return out
+    timed = C.SectionTimer(log)
+    walls = timed.walls
 
     step = timed("1. step", run_step_section, args)
     est = timed("2.+3. estimators and accuracy", run_estimator_section, args)

@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import re
-import shlex
 import statistics
 import subprocess
 import sys
@@ -626,12 +625,7 @@ def tree_cost_estimate(mat: dict, d: int, blocks: int) -> dict[str, float] | Non
 
 
 def report(args, info, step, sched, mat, mat_ob, model, skipped_torch, total_note: str = "") -> str:
-    cmd = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/bench_spectral.py", *sys.argv[1:]])
-    how = "what `make bench` runs" if len(sys.argv) == 1 else "`make bench` runs it without flags"
-    L = ["## Spectral norm: step time and estimator cost (`benchmarks/bench_spectral.py`)\n"]
-    L.append(f"Command: `{cmd}` ({how}), {time.strftime('%Y-%m-%d %H:%M %Z')}; normjax {M._git_state()}.\n")
-    L.append("### Machine\n")
-    L.append(C.md_kv(info) + "\n")
+    L = C.report_header("bench_spectral.py", "Spectral norm: step time and estimator cost", M._git_state(), info)
     L.append(f"Ratios: {M.RATIO_HELP}. Every table comes from interleaved rounds (each round runs every "
              "variant of that table once, in the order listed; warmup rounds dropped); the machine is shared, "
              "so only ratios taken in the same rounds mean anything.\n")
@@ -818,14 +812,8 @@ def main(argv: list[str] | None = None) -> None:
     if skipped_torch:
         print(f"PyTorch skipped: {skipped_torch}", flush=True)
 
-    walls: dict[str, float] = {}
-
-    def timed(label, fn, *a):
-        t0 = time.perf_counter()
-        out = fn(*a)
-        walls[label] = time.perf_counter() - t0
-        log(f"[{label}] done in {walls[label]:.0f} s")
-        return out
+    timed = C.SectionTimer(log)
+    walls = timed.walls
 
     step = timed("1. step", run_step_section, args)
     sched = None

@@ -281,6 +281,36 @@ def hlo_summary(hlo_text: str, big_bytes: int = 1 << 20) -> HloSummary:
 # ---------------------------------------------------------------------------------------
 
 
+class SectionTimer:
+    """Runs benchmark sections, logs each one's wall time and keeps them in ``walls``."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+        self.walls: dict[str, float] = {}
+
+    def __call__(self, label: str, fn: Callable, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.walls[label] = time.perf_counter() - t0
+        self.log(f"[{label}] done in {self.walls[label]:.0f} s")
+        return out
+
+
+def report_header(script: str, title: str, git_state: str, info: dict[str, str]) -> list[str]:
+    """The opening lines of a RESULTS.md section: title, the command and when, and the machine."""
+    import shlex
+    import sys
+
+    cmd = " ".join(shlex.quote(a) for a in [".venv/bin/python", f"benchmarks/{script}", *sys.argv[1:]])
+    how = "what `make bench` runs" if len(sys.argv) == 1 else "`make bench` runs it without flags"
+    return [
+        f"## {title} (`benchmarks/{script}`)\n",
+        f"Command: `{cmd}` ({how}), {time.strftime('%Y-%m-%d %H:%M %Z')}; normjax {git_state}.\n",
+        "### Machine\n",
+        md_kv(info) + "\n",
+    ]
+
+
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     def fmt(x: object) -> str:
         return str(x).replace("|", "\\|")

@@ -77,7 +77,7 @@ from tqdm import tqdm  # noqa: E402
 import normjax as nj  # noqa: E402
 
 # The data and the model, shared with maxnorm_digits.py (examples/_digits.py, next to this file).
-from _digits import MLP, batches, load_data, parse_args  # noqa: E402
+from _digits import MLP, batches, load_data, parse_args, standard_promotion  # noqa: E402
 
 # Every number below is deterministic. Hidden width 256 rather than the max-norm demo's 512:
 # Gram iteration costs 8 n x n matrix products per kernel and step (n = the smaller side), and
@@ -136,26 +136,6 @@ def margins_and_gradients(model: MLP, x: jax.Array, y: jax.Array) -> tuple[jax.A
     jac_y = jnp.sum(jnp.where(is_y[:, :, None], jac, 0.0), axis=1, keepdims=True)
     grad_norms = jnp.linalg.norm(jac_y - jac, axis=-1)  # (n, classes); 0 at j = y
     return margin, jnp.max(grad_norms, axis=-1)
-
-
-def standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """``tx`` traced under JAX's standard dtype promotion, whatever the global mode.
-
-    optax's Adam computes its bias correction as ``b1 ** count`` (a Python float to an int32
-    power), which ``jax_numpy_dtype_promotion="strict"`` rejects. The smoke test runs every
-    example under strict promotion; this wrapper relaxes it for Adam alone, so the rest of the
-    step (normjax included) is still checked. Without strict mode it changes nothing.
-    """
-
-    def init_fn(params):
-        with jax.numpy_dtype_promotion("standard"):
-            return tx.init(params)
-
-    def update_fn(updates, state, params=None):
-        with jax.numpy_dtype_promotion("standard"):
-            return tx.update(updates, state, params)
-
-    return optax.GradientTransformation(init_fn, update_fn)
 
 
 @jax.jit

@@ -35,6 +35,7 @@ from normjax._norms import (
     power_loop,
 )
 from normjax._select import resolve_dims
+from normjax._shard import auto_where_explicit, batch_spec, like
 
 Padding = str | int | Sequence[int | tuple[int, int]]
 
@@ -336,8 +337,13 @@ def conv_sigma_power(
     expected = tuple(kernel.shape[: len(c.batch)]) + c.input_shape + (c.in_channels,)
     if tuple(np.shape(u)) != expected:
         raise ValueError(f"conv_sigma_power: u has shape {np.shape(u)}, expected {expected} (batch + input_shape + (in,))")
-    apply, apply_t = conv_operator(kernel, c)
-    return power_loop(apply, apply_t, u, len(c.batch), int(num_iters), acc_dtype(kernel.dtype))
+    u = jnp.asarray(u)
+
+    def body(kernel, u):
+        apply, apply_t = conv_operator(kernel, c)
+        return power_loop(apply, apply_t, u, len(c.batch), int(num_iters), acc_dtype(kernel.dtype))
+
+    return auto_where_explicit(body, (kernel, u), lambda: (batch_spec(kernel, c.batch), like(u)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -407,9 +413,13 @@ def _fourier_matrices(kernel: jax.Array, c: ResolvedConv, layout) -> tuple[jax.A
 def _stack_over_batch(kernel: jax.Array, c: ResolvedConv, fn) -> jax.Array:
     """Applies ``fn`` to every kernel of the batch axes; returns ``batch_shape`` results."""
     nb = len(c.batch)
-    flat = kernel.reshape((-1,) + kernel.shape[nb:])
-    out = jax.vmap(fn)(flat) if nb else fn(flat[0])[None]
-    return out.reshape(kernel.shape[:nb])
+
+    def body(kernel):
+        flat = kernel.reshape((-1,) + kernel.shape[nb:])
+        out = jax.vmap(fn)(flat) if nb else fn(flat[0])[None]
+        return out.reshape(kernel.shape[:nb])
+
+    return auto_where_explicit(body, (kernel,), lambda: batch_spec(kernel, c.batch))
 
 
 def _fft_error(layout, dtype) -> float:
@@ -507,6 +517,16 @@ def conv_sigma_gram(kernel: jax.Array, spec: ConvSpec | ResolvedConv, *, num_ite
     return _stack_over_batch(k, c, one)
 
 
+def _fft_exact(c: ResolvedConv) -> bool:
+    """Whether the FFT gives this convolution's norm exactly: circular, strides dividing the input."""
+    return c.pad_mode == "wrap" and all(n % s == 0 for n, s in zip(c.input_shape, c.strides))
+
+
+def _dense_size(c: ResolvedConv) -> tuple[int, int]:
+    """``(inputs, outputs)``: the shape of the materialised operator of one kernel."""
+    return int(np.prod(c.input_shape)) * c.in_channels, int(np.prod(c.output_shape)) * c.out_channels
+
+
 def conv_sigma_svd(kernel: jax.Array, spec: ConvSpec | ResolvedConv) -> jax.Array:
     """Exact operator norm: the FFT for circular padding, else the SVD of the materialised operator.
 
@@ -515,10 +535,9 @@ def conv_sigma_svd(kernel: jax.Array, spec: ConvSpec | ResolvedConv) -> jax.Arra
     """
     kernel = jnp.asarray(kernel)
     c = _spec(kernel, spec, "conv_sigma_svd")
-    if c.pad_mode == "wrap" and all(n % s == 0 for n, s in zip(c.input_shape, c.strides)):
+    if _fft_exact(c):
         return conv_sigma_fft(kernel, c)
-    n_in = int(np.prod(c.input_shape)) * c.in_channels
-    n_out = int(np.prod(c.output_shape)) * c.out_channels
+    n_in, n_out = _dense_size(c)
     if n_in * n_out > DENSE_LIMIT:
         raise ValueError(
             f"conv_sigma_svd: the operator is {n_in} x {n_out}, too large to materialise "
@@ -526,9 +545,9 @@ def conv_sigma_svd(kernel: jax.Array, spec: ConvSpec | ResolvedConv) -> jax.Arra
         )
     acc = acc_dtype(kernel.dtype)
     k = kernel.astype(acc)
-    basis = jnp.eye(n_in, dtype=acc).reshape((n_in,) + c.input_shape + (c.in_channels,))
 
     def one(kk):
+        basis = jnp.eye(n_in, dtype=acc).reshape((n_in,) + c.input_shape + (c.in_channels,))
         mat = jax.vmap(lambda e: _apply_one(kk, e, c))(basis).reshape(n_in, n_out)
         return jnp.linalg.svd(mat, compute_uv=False)[0]
 
@@ -563,7 +582,6 @@ def conv_clip(kernel: jax.Array, max_value: Any, spec: ConvSpec | ResolvedConv) 
     if layout is None:
         raise ValueError(_fft_unsupported(c, "conv_clip").replace("FFT method", "Fourier clip"))
     acc = acc_dtype(kernel.dtype)
-    k = kernel.astype(acc)
     cval = jnp.asarray(max_value, acc)
     index, grid_shape, nd = _embed_index(c, layout)
     counts = np.zeros(grid_shape, np.int64)
@@ -595,9 +613,13 @@ def conv_clip(kernel: jax.Array, max_value: Any, spec: ConvSpec | ResolvedConv) 
         return jnp.where(sigma > cval, jnp.where(closer, k_new, k_rescaled), kk), sigma
 
     nb = len(c.batch)
-    flat = k.reshape((-1,) + k.shape[nb:])
-    k_new, sigma = jax.vmap(one)(flat)
-    return k_new.reshape(kernel.shape).astype(kernel.dtype), sigma.reshape(kernel.shape[:nb])
+
+    def body(kernel):
+        flat = kernel.astype(acc).reshape((-1,) + kernel.shape[nb:])
+        k_new, sigma = jax.vmap(one)(flat)
+        return k_new.reshape(kernel.shape).astype(kernel.dtype), sigma.reshape(kernel.shape[:nb])
+
+    return auto_where_explicit(body, (kernel,), lambda: (like(kernel), batch_spec(kernel, c.batch)))
 
 
 def conv_spectral_norm(
@@ -703,15 +725,11 @@ def check_estimator(spec: Any, estimator: str, path: str, name: str) -> None:
             f"{name}: estimator='gram' on the convolution {path!r}: REFLECT padding duplicates border "
             f"pixels and has no certified Fourier bound; use estimator='power' or 'svd', or another padding"
         )
-    fft_exact = spec.pad_mode == "wrap" and _fourier_layout(spec, circular_exact=True) is not None
-    if estimator == "svd" and not fft_exact:
-        n_in = int(np.prod(spec.input_shape)) * spec.in_channels
-        n_out = int(np.prod(spec.output_shape)) * spec.out_channels
-        if n_in * n_out > DENSE_LIMIT:
-            raise ValueError(
-                f"{name}: estimator='svd' on the convolution {path!r} would materialise a {n_in} x {n_out} "
-                f"operator (limit {DENSE_LIMIT} entries); use estimator='gram' (certified bound) or 'power'"
-            )
+    if estimator == "svd" and not _fft_exact(spec) and (size := _dense_size(spec))[0] * size[1] > DENSE_LIMIT:
+        raise ValueError(
+            f"{name}: estimator='svd' on the convolution {path!r} would materialise a {size[0]} x {size[1]} "
+            f"operator (limit {DENSE_LIMIT} entries); use estimator='gram' (certified bound) or 'power'"
+        )
 
 
 def leaf_init_vector(key: jax.Array, w: Any, spec: Any, num_iters: int) -> jax.Array:

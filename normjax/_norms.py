@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from normjax._shard import auto_where_explicit, batch_spec, like
+
 
 def acc_dtype(dtype: Any) -> np.dtype:
     """Dtype norms accumulate in: float64 for float64 leaves, float32 for everything else."""
@@ -232,10 +234,14 @@ def sigma_power(
     """
     if int(num_iters) < 1:
         raise ValueError(f"sigma_power: num_iters must be >= 1, got {num_iters}")
-    w = jnp.asarray(w)
+    w, u = jnp.asarray(w), jnp.asarray(u)
     d = _dims(w, dims, "sigma_power")
-    x = w.astype(acc_dtype(w.dtype))
-    return power_loop(lambda u: _matvec(x, u, d), lambda v: _rmatvec(x, v, d), u, len(d.batch), num_iters, x.dtype)
+
+    def body(w, u):
+        x = w.astype(acc_dtype(w.dtype))
+        return power_loop(lambda u: _matvec(x, u, d), lambda v: _rmatvec(x, v, d), u, len(d.batch), num_iters, x.dtype)
+
+    return auto_where_explicit(body, (w, u), lambda: (batch_spec(w, d.batch), like(u)))
 
 
 def power_loop(apply, apply_t, u: jax.Array, nb: int, num_iters: int, acc: Any) -> tuple[jax.Array, jax.Array]:
@@ -275,9 +281,12 @@ def sigma_svd(w: jax.Array, *, dims: Any = None) -> jax.Array:
     """
     w = jnp.asarray(w)
     d = _dims(w, dims, "sigma_svd")
-    x = _to_stack(w.astype(acc_dtype(w.dtype)), d)
-    s = jnp.linalg.svd(x, compute_uv=False)
-    return s[:, 0].reshape(_batch_shape(w, d))
+
+    def body(w):
+        x = _to_stack(w.astype(acc_dtype(w.dtype)), d)
+        return jnp.linalg.svd(x, compute_uv=False)[:, 0].reshape(_batch_shape(w, d))
+
+    return auto_where_explicit(body, (w,), lambda: batch_spec(w, d.batch))
 
 
 def gram_margin(n: int, dtype: Any) -> float:
@@ -324,9 +333,12 @@ def sigma_gram(w: jax.Array, *, num_iters: int = 8, dims: Any = None) -> jax.Arr
         raise ValueError(f"sigma_gram: num_iters must be >= 1, got {num_iters}")
     w = jnp.asarray(w)
     d = _dims(w, dims, "sigma_gram")
-    acc = acc_dtype(w.dtype)
-    x = _to_stack(w.astype(acc), d)
-    return gram_stack(x, int(num_iters)).reshape(_batch_shape(w, d))
+
+    def body(w):
+        x = _to_stack(w.astype(acc_dtype(w.dtype)), d)
+        return gram_stack(x, int(num_iters)).reshape(_batch_shape(w, d))
+
+    return auto_where_explicit(body, (w,), lambda: batch_spec(w, d.batch))
 
 
 def gram_stack(x: jax.Array, num_iters: int, extra_margin: float = 0.0) -> jax.Array:
@@ -373,15 +385,19 @@ def clip_singular_values(w: jax.Array, max_value: Any, *, dims: Any = None) -> t
     w = jnp.asarray(w)
     d = _dims(w, dims, "clip_singular_values")
     acc = acc_dtype(w.dtype)
-    x = _to_stack(w.astype(acc), d)
-    y, sigma = clip_stack(x, jnp.asarray(max_value, acc))
-    moved = sigma > jnp.asarray(max_value, acc)
-    w_new = jnp.where(
-        broadcast_batch(moved.reshape(_batch_shape(w, d)), w.shape, d),
-        _from_stack(y, w.shape, d).astype(w.dtype),
-        w,
-    )
-    return w_new, sigma.reshape(_batch_shape(w, d))
+    c = jnp.asarray(max_value, acc)
+
+    def body(w, c):
+        y, sigma = clip_stack(_to_stack(w.astype(acc), d), c)
+        moved = sigma > c
+        w_new = jnp.where(
+            broadcast_batch(moved.reshape(_batch_shape(w, d)), w.shape, d),
+            _from_stack(y, w.shape, d).astype(w.dtype),
+            w,
+        )
+        return w_new, sigma.reshape(_batch_shape(w, d))
+
+    return auto_where_explicit(body, (w, c), lambda: (like(w), batch_spec(w, d.batch)))
 
 
 def clip_stack(x: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:

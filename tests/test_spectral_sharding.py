@@ -46,13 +46,7 @@ def _mesh(axis_type: str) -> jax.sharding.Mesh:
     return jax.make_mesh((2, 4), ("data", "model"), axis_types=(t, t), devices=jax.devices()[:8])
 
 
-EXPLICIT_TODO = (
-    "known limitation: the spectral paths (dot_general/einsum on sharded contracting axes, the SVD "
-    "of a sharded matrix) do not yet trace under explicit mesh axis types; auto (GSPMD) meshes work"
-)
-
-
-@pytest.fixture(params=["auto", pytest.param("explicit", marks=pytest.mark.xfail(strict=True, reason=EXPLICIT_TODO))])
+@pytest.fixture(params=["auto", "explicit"])
 def mesh(request):
     return _mesh(request.param)
 
@@ -259,7 +253,6 @@ ENTRY_POINTS = {
 EXPLICIT_CASES = [("dense", P("data", "model")), ("stacked", P("model", None, None))]
 
 
-@pytest.mark.xfail(strict=False, reason=EXPLICIT_TODO + " (some entry points already do)")
 @pytest.mark.parametrize("case", EXPLICIT_CASES, ids=_id)
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 def test_explicit_mesh_entry_point_traces_and_keeps_sharding(entry, case):
