@@ -13,6 +13,7 @@ Under an auto mesh, or no mesh, the body runs as it is.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,10 +22,28 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 
-def explicit_mesh_active() -> bool:
-    """Whether the current (abstract) mesh has an axis of type ``Explicit``."""
+def _explicit(mesh: Any) -> bool:
+    return mesh is not None and not mesh.empty and any(t == AxisType.Explicit for t in mesh.axis_types)
+
+
+def explicit_mesh(args: tuple = ()) -> Any:
+    """The explicit mesh the computation runs under, or ``None``.
+
+    The context's (``jax.set_mesh``) when it has an ``Explicit`` axis; else, when the arrays
+    carry explicit shardings without a mesh context (arrays put on an explicit mesh, then
+    passed to a jitted function), the abstract mesh of their type.
+    """
     mesh = jax.sharding.get_abstract_mesh()
-    return not mesh.empty and any(t == AxisType.Explicit for t in mesh.axis_types)
+    if _explicit(mesh):
+        return mesh
+    if not mesh.empty:
+        return None  # an auto mesh context: GSPMD decides
+    for a in args:
+        arg_mesh = getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
+        arg_mesh = getattr(arg_mesh, "abstract_mesh", arg_mesh)  # a concrete Mesh -> its abstract one
+        if _explicit(arg_mesh):
+            return arg_mesh
+    return None
 
 
 def spec_of(x: Any) -> tuple:
@@ -48,6 +67,10 @@ def like(x: Any) -> P:
 def auto_where_explicit(fn: Callable[..., Any], args: tuple, out_specs: Callable[[], Any]) -> Any:
     """``fn(*args)``, traced in auto mode with outputs resharded to ``out_specs()`` under an
     explicit mesh; plain ``fn(*args)`` otherwise. ``args`` are arrays."""
-    if not explicit_mesh_active():
+    mesh = explicit_mesh(args)
+    if mesh is None:
         return fn(*args)
-    return jax.sharding.auto_axes(fn, out_sharding=out_specs())(*args)
+    with contextlib.ExitStack() as stack:
+        if jax.sharding.get_abstract_mesh().empty:  # explicit arrays, no mesh context: enter theirs
+            stack.enter_context(jax.sharding.use_abstract_mesh(mesh))
+        return jax.sharding.auto_axes(fn, out_sharding=out_specs())(*args)

@@ -268,6 +268,24 @@ def test_explicit_mesh_entry_point_traces_and_keeps_sharding(entry, case):
             assert full(leaf.sharding.spec, x.ndim) == full(spec, x.ndim), f"{entry}: {leaf.sharding.spec} != {spec}"
 
 
+@pytest.mark.parametrize("case", [("dense", P("data", "model")), ("stacked", P("model", "data", None))], ids=_id)
+def test_explicit_arrays_without_a_mesh_context(case):
+    """Arrays put on an explicit mesh, then passed to a jitted step with no ``jax.set_mesh``:
+    the estimators take the mesh from the arrays' types, and values match one device."""
+    name, spec = case
+    mesh = _mesh("explicit")
+    shape, dims, make, _ = CASES[name]
+    w = make(shape, 0)
+    sharded = _np(_pure_all(_put(w, mesh, spec), _u0(name), dims=dims))
+    chex.assert_trees_all_close(sharded, _pure_reference(name), **TOL)
+    tx = nj.spectral_norm(C, estimator="power", dims=dims)
+    params = {"k": _put(w, mesh, spec)}
+    state = tx.init(params)
+    new, state = jax.jit(lambda p, s: tx.update(jax.tree.map(lambda x: x * 0.5, p), s, p))(params, state)
+    assert new["k"].sharding.is_equivalent_to(params["k"].sharding, len(shape))
+    assert np.all(np.isfinite(np.asarray(state.sigma["k"])))
+
+
 # --------------------------------------------------------------------------------------------
 # Compiled HLO: what moves between devices, and how big it is.
 # --------------------------------------------------------------------------------------------
