@@ -53,9 +53,14 @@ class ConvSpec(NamedTuple):
         ``"CAUSAL"`` (1-D), an int, or one int or ``(low, high)`` pair per spatial axis.
       kernel_dilation: an int or one per spatial axis.
       feature_group_count: Flax's ``feature_group_count``.
+      kernel_layout: ``"flax"`` (default): ``(*batch, *kernel_size, in // groups, out)``, the
+        layout of ``flax.linen.Conv`` and ``flax.nnx.Conv``; ``"torch"``:
+        ``(*batch, out, in // groups, *kernel_size)``, the layout of ``equinox.nn.Conv`` and
+        ``torch.nn.Conv2d``. The operator (hence its norm) is the same cross-correlation either
+        way; the input layout (channels first or last) permutes coordinates and changes no norm.
 
     >>> ConvSpec((32, 32), strides=2)
-    ConvSpec(input_shape=(32, 32), strides=2, padding='SAME', kernel_dilation=1, feature_group_count=1)
+    ConvSpec(input_shape=(32, 32), strides=2, padding='SAME', kernel_dilation=1, feature_group_count=1, kernel_layout='flax')
     """
 
     input_shape: Sequence[int]
@@ -63,6 +68,7 @@ class ConvSpec(NamedTuple):
     padding: Padding = "SAME"
     kernel_dilation: int | Sequence[int] = 1
     feature_group_count: int = 1
+    kernel_layout: str = "flax"
 
 
 class ResolvedConv(NamedTuple):
@@ -79,6 +85,7 @@ class ResolvedConv(NamedTuple):
     pads: tuple[tuple[int, int], ...]
     groups: int
     output_shape: tuple[int, ...]
+    layout: str = "flax"  # of the kernel as given; the estimators work on the flax view
 
     @property
     def nd(self) -> int:
@@ -90,6 +97,7 @@ class ResolvedConv(NamedTuple):
 
 
 CONV_METHODS = ("power", "fft", "gram", "svd")
+KERNEL_LAYOUTS = ("flax", "torch")
 _PAD_STRINGS = ("SAME", "VALID", "SAME_LOWER", "CIRCULAR", "REFLECT", "CAUSAL")
 DENSE_LIMIT = 1 << 26  # entries of a materialised operator ("svd" on non-circular padding)
 
@@ -127,16 +135,22 @@ def resolve_conv(spec: ConvSpec, path: str, kernel: Any, name: str) -> ResolvedC
             f"batch and channels), got {spec.input_shape!r}"
         )
     input_shape = tuple(int(n) for n in input_shape)
+    layout = spec.kernel_layout
+    if layout not in KERNEL_LAYOUTS:
+        raise ValueError(f"{where}: unknown kernel_layout {layout!r}; expected one of {KERNEL_LAYOUTS}")
     shape = tuple(np.shape(kernel))
     if len(shape) < nd + 2:
+        form = "(*kernel_size, in // groups, out)" if layout == "flax" else "(out, in // groups, *kernel_size)"
         raise ValueError(
             f"{where}: kernel of shape {shape} has {len(shape) - 2} spatial axes but input_shape "
             f"{input_shape} has {nd}; input_shape is the spatial shape only (no batch or channel axis), "
-            f"and the kernel is (*kernel_size, in // groups, out)"
+            f"and the kernel is {form} (kernel_layout={layout!r})"
         )
     nb = len(shape) - nd - 2
-    kernel_size = shape[nb : nb + nd]
-    cin_g, cout = shape[-2], shape[-1]
+    if layout == "flax":
+        kernel_size, (cin_g, cout) = shape[nb : nb + nd], shape[-2:]
+    else:
+        kernel_size, (cout, cin_g) = shape[nb + 2 :], shape[nb : nb + 2]
     g = spec.feature_group_count
     if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 1:
         raise ValueError(f"{where}: feature_group_count must be a positive int, got {g!r}")
@@ -189,7 +203,9 @@ def resolve_conv(spec: ConvSpec, path: str, kernel: Any, name: str) -> ResolvedC
             f"{where}: the convolution has an empty output: input {input_shape} padded to {padded} is smaller "
             f"than the dilated kernel {k_eff}"
         )
-    return ResolvedConv(tuple(range(nb)), input_shape, kernel_size, cin_g * g, cout, strides, dilation, mode, pads, g, out_shape)
+    return ResolvedConv(
+        tuple(range(nb)), input_shape, kernel_size, cin_g * g, cout, strides, dilation, mode, pads, g, out_shape, layout
+    )
 
 
 def resolve_spec(dims: Any, path: str, leaf: Any, name: str):
@@ -217,6 +233,24 @@ def resolve_spec(dims: Any, path: str, leaf: Any, name: str):
 
 def _spec(kernel: Any, spec: Any, name: str) -> ResolvedConv:
     return spec if isinstance(spec, ResolvedConv) else resolve_conv(spec, "<kernel>", kernel, name)
+
+
+def _layout_perm(c: ResolvedConv) -> tuple[int, ...]:
+    """Axes of a ``"torch"`` kernel ``(*batch, out, in, *k)`` in flax order ``(*batch, *k, in, out)``."""
+    nb = len(c.batch)
+    return tuple(range(nb)) + tuple(range(nb + 2, nb + 2 + c.nd)) + (nb + 1, nb)
+
+
+def _flax_kernel(kernel: jax.Array, c: ResolvedConv) -> tuple[jax.Array, ResolvedConv]:
+    """The kernel in flax layout and the spec that describes it (a no-op for flax kernels)."""
+    if c.layout == "flax":
+        return kernel, c
+    return jnp.transpose(kernel, _layout_perm(c)), c._replace(layout="flax")
+
+
+def _native_kernel(kernel: jax.Array, c: ResolvedConv) -> jax.Array:
+    """A flax-layout kernel back in the layout ``c`` was given in."""
+    return kernel if c.layout == "flax" else jnp.transpose(kernel, np.argsort(_layout_perm(c)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -271,7 +305,7 @@ def conv_operator(kernel: jax.Array, spec: ConvSpec | ResolvedConv):
     Array([4., 3., 6., 5.], dtype=float32)
     """
     kernel = jnp.asarray(kernel)
-    c = _spec(kernel, spec, "conv_operator")
+    kernel, c = _flax_kernel(kernel, _spec(kernel, spec, "conv_operator"))
     acc = acc_dtype(kernel.dtype)
     k = kernel.astype(acc)
     nb = len(c.batch)
@@ -450,7 +484,7 @@ def conv_sigma_fft(kernel: jax.Array, spec: ConvSpec | ResolvedConv) -> jax.Arra
       Sedghi, Gupta & Long, "The singular values of convolutional layers", ICLR 2019.
     """
     kernel = jnp.asarray(kernel)
-    c = _spec(kernel, spec, "conv_sigma_fft")
+    kernel, c = _flax_kernel(kernel, _spec(kernel, spec, "conv_sigma_fft"))
     layout = _fourier_layout(c, circular_exact=True) if c.pad_mode == "wrap" else None
     if layout is None:
         raise ValueError(_fft_unsupported(c, "conv_sigma_fft"))
@@ -500,7 +534,7 @@ def conv_sigma_gram(kernel: jax.Array, spec: ConvSpec | ResolvedConv, *, num_ite
     if isinstance(num_iters, bool) or int(num_iters) < 1:
         raise ValueError(f"conv_sigma_gram: num_iters must be >= 1, got {num_iters}")
     kernel = jnp.asarray(kernel)
-    c = _spec(kernel, spec, "conv_sigma_gram")
+    kernel, c = _flax_kernel(kernel, _spec(kernel, spec, "conv_sigma_gram"))
     layout = _fourier_layout(c, circular_exact=False)
     if layout is None:
         raise ValueError(
@@ -534,7 +568,7 @@ def conv_sigma_svd(kernel: jax.Array, spec: ConvSpec | ResolvedConv) -> jax.Arra
     matrix and raises ``ValueError`` above 2**26 entries (use ``"gram"`` or ``"power"``).
     """
     kernel = jnp.asarray(kernel)
-    c = _spec(kernel, spec, "conv_sigma_svd")
+    kernel, c = _flax_kernel(kernel, _spec(kernel, spec, "conv_sigma_svd"))
     if _fft_exact(c):
         return conv_sigma_fft(kernel, c)
     n_in, n_out = _dense_size(c)
@@ -577,7 +611,8 @@ def conv_clip(kernel: jax.Array, max_value: Any, spec: ConvSpec | ResolvedConv) 
     (4.0, True)
     """
     kernel = jnp.asarray(kernel)
-    c = _spec(kernel, spec, "conv_clip")
+    native = _spec(kernel, spec, "conv_clip")
+    c = native._replace(layout="flax")  # what the Fourier maths sees; body() transposes to it and back
     layout = _fourier_layout(c, circular_exact=True) if c.pad_mode == "wrap" else None
     if layout is None:
         raise ValueError(_fft_unsupported(c, "conv_clip").replace("FFT method", "Fourier clip"))
@@ -587,7 +622,7 @@ def conv_clip(kernel: jax.Array, max_value: Any, spec: ConvSpec | ResolvedConv) 
     counts = np.zeros(grid_shape, np.int64)
     np.add.at(counts, index, 1)
     tap_counts = counts[index].astype(acc)  # taps sharing a slot split its value evenly
-    cin_g, cout = kernel.shape[-2:]
+    cin_g, cout = c.in_channels // c.groups, c.out_channels
     g = c.groups
     m = grid_shape[:nd]
     phases = int(np.prod(grid_shape[nd:]))
@@ -615,9 +650,10 @@ def conv_clip(kernel: jax.Array, max_value: Any, spec: ConvSpec | ResolvedConv) 
     nb = len(c.batch)
 
     def body(kernel):
-        flat = kernel.astype(acc).reshape((-1,) + kernel.shape[nb:])
-        k_new, sigma = jax.vmap(one)(flat)
-        return k_new.reshape(kernel.shape).astype(kernel.dtype), sigma.reshape(kernel.shape[:nb])
+        kf = _flax_kernel(kernel, native)[0]
+        k_new, sigma = jax.vmap(one)(kf.astype(acc).reshape((-1,) + kf.shape[nb:]))
+        k_new = _native_kernel(k_new.reshape(kf.shape).astype(kernel.dtype), native)
+        return k_new, sigma.reshape(kernel.shape[:nb])
 
     return auto_where_explicit(body, (kernel,), lambda: (like(kernel), batch_spec(kernel, c.batch)))
 
@@ -630,6 +666,7 @@ def conv_spectral_norm(
     padding: Padding = "SAME",
     kernel_dilation: int | Sequence[int] = 1,
     feature_group_count: int = 1,
+    kernel_layout: str = "flax",
     method: str = "power",
     num_iters: int | None = None,
     u: jax.Array | None = None,
@@ -638,7 +675,9 @@ def conv_spectral_norm(
     r"""Operator norm :math:`\lVert x \mapsto \mathrm{conv}(x, K) \rVert_2` as Flax's ``nn.Conv`` applies it.
 
     ``kernel`` has Flax's layout ``(*kernel_size, in // feature_group_count, out)``, optionally
-    behind batch axes (one norm each); the input is channels-last with spatial shape
+    behind batch axes (one norm each), or with ``kernel_layout="torch"`` the layout of
+    ``equinox.nn.Conv`` and ``torch.nn.Conv2d``, ``(out, in // feature_group_count,
+    *kernel_size)``; the input is channels-last with spatial shape
     ``input_shape``; ``strides``, ``padding``, ``kernel_dilation`` and ``feature_group_count``
     mean what they mean for ``nn.Conv`` (see :class:`ConvSpec`). The norm depends on the input
     size and the padding, and is *not* the largest singular value of the kernel reshaped to
@@ -679,7 +718,7 @@ def conv_spectral_norm(
     kernel = jnp.asarray(kernel)
     if not jnp.issubdtype(kernel.dtype, jnp.floating):
         raise TypeError(f"{name}: kernel must be floating point, got {kernel.dtype}")
-    spec = ConvSpec(input_shape, strides, padding, kernel_dilation, feature_group_count)
+    spec = ConvSpec(input_shape, strides, padding, kernel_dilation, feature_group_count, kernel_layout)
     c = resolve_conv(spec, "kernel", kernel, name)
     if method == "power":
         iters = 100 if num_iters is None else num_iters

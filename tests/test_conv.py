@@ -1031,3 +1031,89 @@ def test_flax_nnx_optimizer_with_conv_rules(estimator):
     tol = 1.0 + (1e-5 if estimator == "gram" else 1e-3)
     for conv, spec in [(model.conv1, rules[r"conv1/kernel"]), (model.conv2, rules[r"conv2/kernel"])]:
         assert ref_norm(np.asarray(conv.kernel[...]), spec) <= C * tol
+
+
+# --------------------------------------------------------------------------------------------
+# kernel_layout="torch": Equinox's and PyTorch's (out, in // groups, *kernel_size) kernels.
+# Reference: the float64 Jacobian of torch.nn.functional.conv2d itself (channels first).
+# --------------------------------------------------------------------------------------------
+
+TORCH_CASES = {
+    # name: (torch weight shape, input (h, w), stride, padding as torch and as normjax, groups)
+    "same_pad1": ((4, 2, 3, 3), (6, 6), 1, (1, 1), 1),
+    "stride2_groups2": ((6, 1, 3, 3), (6, 6), 2, (1, 1), 2),
+    "valid_rect": ((4, 2, 3, 2), (5, 6), 1, (0, 0), 1),
+    "circular": ((3, 2, 3, 3), (6, 6), 1, "circular", 1),
+}
+
+
+def _torch_ref(weight, input_hw, stride, padding, groups):
+    torch = pytest.importorskip("torch")
+    w = torch.tensor(weight, dtype=torch.float64)
+    cin = w.shape[1] * groups
+    if padding == "circular":
+        conv = torch.nn.Conv2d(cin, w.shape[0], w.shape[2:], stride, 1, groups=groups, bias=False, padding_mode="circular")
+        conv = conv.double()
+        with torch.no_grad():
+            conv.weight.copy_(w)
+        fn = conv
+    else:
+        fn = lambda x: torch.nn.functional.conv2d(x, w, stride=stride, padding=padding, groups=groups)  # noqa: E731
+    x0 = torch.zeros((1, cin, *input_hw), dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(fn, x0).reshape(-1, x0.numel())
+    return np.linalg.svd(jac.numpy(), compute_uv=False)[0]
+
+
+def _torch_spec(input_hw, stride, padding, groups):
+    pad = "CIRCULAR" if padding == "circular" else tuple((p, p) for p in padding)
+    return S(input_hw, strides=stride, padding=pad, feature_group_count=groups, kernel_layout="torch")
+
+
+@pytest.mark.parametrize("name", list(TORCH_CASES))
+def test_torch_layout_matches_torch_conv2d(name):
+    shape, hw, stride, padding, groups = TORCH_CASES[name]
+    w = _kernel(shape, seed=sorted(TORCH_CASES).index(name))
+    exact = _torch_ref(np.asarray(w, np.float64), hw, stride, padding, groups)
+    spec = _torch_spec(hw, stride, padding, groups)
+    pad = spec.padding
+    call = lambda m: float(  # noqa: E731
+        nj.conv_spectral_norm(w, hw, strides=stride, padding=pad, feature_group_count=groups, kernel_layout="torch", method=m)
+    )
+    np.testing.assert_allclose(call("svd"), exact, rtol=EXACT)
+    np.testing.assert_allclose(call("power"), exact, rtol=1e-4)
+    assert call("gram") >= exact * CERTIFIED
+    # the same numbers as the flax kernel it permutes to
+    flax_k = jnp.transpose(w, (2, 3, 1, 0))
+    np.testing.assert_allclose(float(nj.conv_spectral_norm(flax_k, hw, strides=stride, padding=pad,
+                                                           feature_group_count=groups, method="svd")), call("svd"), rtol=1e-6)
+
+
+def test_torch_layout_in_the_transform_keeps_the_layout():
+    # an Equinox-style tree: weight (out, in, kh, kw), bias (out, 1, 1)
+    spec = S((6, 6), padding="CIRCULAR", kernel_layout="torch")
+    w = _kernel((3, 2, 3, 3), seed=5, scale=2.0)
+    assert ref_norm(jnp.transpose(w, (2, 3, 1, 0)), spec._replace(kernel_layout="flax")) > 2 * C
+    params = {"conv": {"weight": w, "bias": jnp.ones((3, 1, 1))}, "inside": {"weight": w * 1e-3}}
+    rules = {r"weight$": spec}
+    for estimator, mode in [("gram", "rescale"), ("power", "rescale"), ("svd", "clip")]:
+        tx = nj.spectral_norm(C, estimator=estimator, mode=mode, dims=rules, where=r"weight$")
+        upd, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+        new = optax.apply_updates(params, upd)
+        assert new["conv"]["weight"].shape == w.shape
+        got = float(nj.conv_spectral_norm(new["conv"]["weight"], (6, 6), padding="CIRCULAR", kernel_layout="torch", method="fft"))
+        hi = 1 + (1e-5 if estimator != "power" else 0.02)
+        assert got <= C * hi, (estimator, got)
+        assert got >= C * (0.9 if estimator == "gram" else 1 - 1e-4), (estimator, got)
+        # a kernel already inside and the bias: bit for bit
+        np.testing.assert_array_equal(np.asarray(new["inside"]["weight"]), np.asarray(w * 1e-3))
+        np.testing.assert_array_equal(np.asarray(new["conv"]["bias"]), np.ones((3, 1, 1)))
+    # the pure projection (Fourier clip) returns the torch layout too, and is the transform's result
+    out = nj.project_spectral_norm(params, C, mode="clip", dims=rules, where=r"weight$")
+    assert out["conv"]["weight"].shape == w.shape
+    np.testing.assert_allclose(np.asarray(out["conv"]["weight"]), np.asarray(new["conv"]["weight"]), rtol=1e-6, atol=1e-7)
+
+
+def test_bad_kernel_layout_names_the_leaf():
+    params = {"enc": {"conv": {"kernel": jnp.ones((3, 3, 2, 4))}}}
+    with pytest.raises(ValueError, match=LEAF + ".*kernel_layout"):
+        nj.spectral_norm(C, dims={"conv": S((6, 6), kernel_layout="OIHW")}).init(params)
