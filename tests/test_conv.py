@@ -279,13 +279,19 @@ def test_exact_methods_and_gram_bound_against_flax_jacobian(name):
         with pytest.raises(ValueError, match="REFLECT"):
             _call(spec, "gram", k)
         return
-    # certified upper bound, equal (to float rounding) to the circular convolution it bounds
+    # certified upper bound, never above the norm of the circular convolution it embeds in
     assert np.all(out["gram"] >= ref * CERTIFIED), (out["gram"], ref)
-    np.testing.assert_allclose(out["gram"], gram_target(k, spec), rtol=GRAM_TIGHT)
+    target = gram_target(k, spec)
+    assert np.all(out["gram"] <= target * (1 + GRAM_TIGHT)), (out["gram"], target)
     if _fft_ok(spec):
         np.testing.assert_allclose(out["gram"], ref, rtol=GRAM_TIGHT)
-    elif spec.padding != "CIRCULAR":  # zero padding, grids of 4..8: measured 3%..41% loose
-        assert np.all(out["gram"] <= ref * 1.5), out["gram"] / ref
+    elif spec.padding == "CIRCULAR":
+        np.testing.assert_allclose(out["gram"], target, rtol=GRAM_TIGHT)
+    else:
+        # zero padding, operators this small: also Gram iteration on the materialised operator,
+        # whose t-th bound is at most sigma * rank^(2^-(t+1)) (t = 8 iterations by default)
+        rank = min(ref_matrix(k.reshape((-1,) + k.shape[len(_batch(k, spec)):])[0], spec).shape)
+        assert np.all(out["gram"] <= ref * rank ** (0.5**9) * (1 + GRAM_TIGHT)), (out["gram"] / ref, rank)
 
 
 @functools.partial(quick_jit, static_argnames="spec")
@@ -918,10 +924,15 @@ def test_gram_is_never_below_the_true_norm(problem):
     ref = ref_norm(k, spec)
     gram = float(_norm(k, spec, "gram"))
     assert gram >= ref * CERTIFIED, (gram, ref)
-    # and it is the circular norm it stands for: 8 Gram iterations overshoot a matrix of rank
-    # r by at most r^(1/512), and every per-frequency matrix here has <= 2 columns (out // groups)
+    # and never above the circular norm it stands for: 8 Gram iterations overshoot a matrix of
+    # rank r by at most r^(1/512), and every per-frequency matrix here has <= 2 columns
     target = gram_target(k, spec)
-    assert target * CERTIFIED <= gram <= target * 2 ** (1 / 512) * (1 + GRAM_TIGHT), (gram, target)
+    assert gram <= target * 2 ** (1 / 512) * (1 + GRAM_TIGHT), (gram, target)
+    if spec.padding == "CIRCULAR":  # the circular norm itself
+        assert gram >= target * CERTIFIED, (gram, target)
+    else:  # operators this small also get Gram on the materialised operator: near the exact norm
+        rank = min(ref_matrix(k, spec).shape)
+        assert gram <= ref * rank ** (0.5**9) * (1 + GRAM_TIGHT), (gram / ref, rank)
 
 
 # --------------------------------------------------------------------------------------------
