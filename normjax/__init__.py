@@ -12,6 +12,7 @@ from normjax._conv import (
     conv_sigma_fft,
     conv_sigma_gram,
     conv_sigma_power,
+    conv_sigma_svd,
     conv_spectral_norm,
     init_conv_power_vector,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "conv_sigma_fft",
     "conv_sigma_gram",
     "conv_sigma_power",
+    "conv_sigma_svd",
     "conv_spectral_norm",
     "init_conv_power_vector",
     "init_power_vector",

@@ -1128,3 +1128,26 @@ def test_bad_kernel_layout_names_the_leaf():
     params = {"enc": {"conv": {"kernel": jnp.ones((3, 3, 2, 4))}}}
     with pytest.raises(ValueError, match=LEAF + ".*kernel_layout"):
         nj.spectral_norm(C, dims={"conv": S((6, 6), kernel_layout="OIHW")}).init(params)
+
+
+@pytest.mark.parametrize("axis_type", ["auto", "explicit"])
+@pytest.mark.parametrize("kernel_spec", [P(None, None, None, "model"), P(None, None, "data", "model")], ids=str)
+def test_hlo_conv_power_never_gathers_the_kernel(axis_type, kernel_spec):
+    """Power iteration through a convolution whose kernel is split over devices moves only
+    image-sized vectors (all-reduces of partial convolutions), never the kernel."""
+    import re
+
+    t = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}[axis_type]
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(t,) * 2, devices=jax.devices()[:8])
+    spec = S((16, 16))
+    k = _kernel((3, 3, 32, 64), seed=3)  # 18,432 entries: more than any image vector here
+    u0 = _init_u(jax.random.key(0), k, spec)
+    with jax.set_mesh(mesh):
+        ks = jax.device_put(k, NamedSharding(mesh, kernel_spec))
+        txt = jax.jit(lambda kk, u: nj.conv_sigma_power(kk, u, spec, num_iters=2)).lower(ks, u0).compile().as_text()
+    found = re.findall(r"=\s*\(?([a-z0-9]+\[[0-9,]*\])[^=]*?\s(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)", txt)
+    assert found, "expected all-reduces of partial convolutions"  # the kernel really is split
+    for shape, op in found:
+        dims = [int(d) for d in shape[shape.index("[") + 1 : -1].split(",") if d]
+        assert math.prod(dims) <= 16 * 16 * 64, (op, shape)  # at most one output image
+        assert dims[:2] != [3, 3], (op, shape)  # no kernel (or kernel shard) moves
