@@ -628,10 +628,7 @@ def main(argv: list[str] | None = None) -> None:
     info = C.machine_info()
     info["JAX backend"] = f"{jax.default_backend()} ({jax.device_count()} device)"
     text = report(args, info, step, est, walls, time.perf_counter() - t_start)
-    print(text, flush=True)
-    if not args.no_write:
-        C.update_results("bench_conv", text, args.out)
-        print(f"updated {args.out}")
+    C.publish("bench_conv", text, args.no_write, args.out)
 
 
 if __name__ == "__main__":

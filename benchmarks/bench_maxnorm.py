@@ -644,10 +644,7 @@ def main(argv: list[str] | None = None) -> None:
     text = report(args, info, res, sched, comp, agree, skipped_torch)
     total = time.perf_counter() - t_start
     text += f"\nTotal benchmark wall time: {total:.0f} s.\n"
-    print(text, flush=True)
-    if not args.no_write:
-        C.update_results("bench_maxnorm", text, args.out)
-        print(f"updated {args.out}")
+    C.publish("bench_maxnorm", text, args.no_write, args.out)
 
 
 if __name__ == "__main__":

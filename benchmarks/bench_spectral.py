@@ -833,10 +833,7 @@ def main(argv: list[str] | None = None) -> None:
     note = ("Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items())
             + f"; **total {total:.0f} s** (imports included).\n")
     text = report(args, info, step, sched, mat, mat_ob, model, skipped_torch, total_note=note)
-    print(text, flush=True)
-    if not args.no_write:
-        C.update_results("bench_spectral", text, args.out)
-        print(f"updated {args.out}")
+    C.publish("bench_spectral", text, args.no_write, args.out)
 
 
 if __name__ == "__main__":

@@ -311,6 +311,14 @@ def report_header(script: str, title: str, git_state: str, info: dict[str, str])
     ]
 
 
+def publish(section: str, text: str, no_write: bool, out: Path) -> None:
+    """Prints a benchmark's report and, unless ``no_write``, puts it in its RESULTS.md block."""
+    print(text, flush=True)
+    if not no_write:
+        update_results(section, text, out)
+        print(f"updated {out}")
+
+
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     def fmt(x: object) -> str:
         return str(x).replace("|", "\\|")
