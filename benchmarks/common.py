@@ -13,7 +13,9 @@ import os
 import platform
 import re
 import resource
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -298,9 +300,6 @@ class SectionTimer:
 
 def report_header(script: str, title: str, git_state: str, info: dict[str, str]) -> list[str]:
     """The opening lines of a RESULTS.md section: title, the command and when, and the machine."""
-    import shlex
-    import sys
-
     cmd = " ".join(shlex.quote(a) for a in [".venv/bin/python", f"benchmarks/{script}", *sys.argv[1:]])
     how = "what `make bench` runs" if len(sys.argv) == 1 else "`make bench` runs it without flags"
     return [

@@ -33,6 +33,12 @@ class MLP(nnx.Module):
         return self.layers[-1](x)
 
 
+def _split(seed: int):
+    """The raw digits, split 75/25 (stratified, fixed by ``seed``): x_train, x_test, y_train, y_test."""
+    x, y = load_digits(return_X_y=True)
+    return train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+
+
 def load_data(seed: int):
     """Standardized 8x8 digits: a fixed, stratified 75/25 train/test split.
 
@@ -40,8 +46,7 @@ def load_data(seed: int):
     affine map applied before the network: norms and Lipschitz constants of the network are
     in these standardized units.
     """
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+    x_train, x_test, y_train, y_test = _split(seed)
     scaler = StandardScaler().fit(x_train)  # constant (always blank) pixels keep scale 1
     f32 = lambda a: scaler.transform(a).astype(np.float32)  # noqa: E731
     return (f32(x_train), y_train.astype(np.int32)), (f32(x_test), y_test.astype(np.int32))
@@ -53,8 +58,7 @@ def load_images(seed: int):
     No standardization: the raw 0-16 intensities divided by 16, channels last as
     ``flax.linen.Conv`` expects. Norms and Lipschitz constants are in these pixel units.
     """
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+    x_train, x_test, y_train, y_test = _split(seed)
     img = lambda a: (a / 16.0).reshape(-1, 8, 8, 1).astype(np.float32)  # noqa: E731
     return (img(x_train), y_train.astype(np.int32)), (img(x_test), y_test.astype(np.int32))
 

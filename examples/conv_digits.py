@@ -61,7 +61,7 @@ reshaped kernel), the operator norm (exact: SVD of the materialised convolution,
 1024 x 512 here), its certified Gram bound (the smaller of two: the circular convolution on
 the zero-padded 10 x 10 grid, about 5% above the exact norm on inputs this small, and, for
 Conv_0 whose operator has only 64 inputs, Gram iteration on the materialised operator, tight
-to 1e-4) and the measured stretch
+to 2e-4) and the measured stretch
 ``||conv(u)|| / ||u||``. The script prints both tables as aligned text (the format
 ``tests/test_examples.py`` parses) and writes them, with the legends and the checks, to
 ``examples/out/conv_digits.md`` as markdown (``--out`` to change).

@@ -755,7 +755,7 @@ def is_conv(spec: Any) -> bool:
     return isinstance(spec, ResolvedConv)
 
 
-def check_clip(spec: Any, path: str, name: str) -> None:
+def _check_clip(spec: Any, path: str, name: str) -> None:
     """``mode="clip"`` on a convolution needs the Fourier clip: circular padding, strides dividing."""
     if is_conv(spec) and (spec.pad_mode != "wrap" or _fourier_layout(spec, circular_exact=True) is None):
         raise ValueError(
@@ -765,12 +765,16 @@ def check_clip(spec: Any, path: str, name: str) -> None:
         )
 
 
-def check_estimator(spec: Any, estimator: str, path: str, name: str) -> None:
-    """Refuses, naming the leaf, a convolution the estimator cannot handle (at init/trace time).
+def check_conv(spec: Any, path: str, name: str, *, estimator: str, mode: str | None = None) -> None:
+    """Refuses, naming the leaf, a convolution the mode or estimator cannot handle (at init/trace time).
 
-    ``"gram"`` has no certified Fourier bound for REFLECT padding; ``"svd"`` on a non-circular
-    convolution materialises the operator and is refused above :data:`DENSE_LIMIT` entries.
+    ``mode="clip"`` needs the Fourier clip (:func:`_check_clip`); otherwise ``"gram"`` has no
+    certified Fourier bound for REFLECT padding, and ``"svd"`` on a non-circular convolution
+    materialises the operator and is refused above :data:`DENSE_LIMIT` entries.
     """
+    if mode == "clip":
+        _check_clip(spec, path, name)
+        return
     if not is_conv(spec):
         return
     if estimator == "gram" and spec.pad_mode == "reflect":

@@ -14,7 +14,7 @@ from normjax._norms import (
     broadcast_batch,
     spectral_scale,
 )
-from normjax._conv import check_clip, check_estimator, leaf_clip, leaf_sigma, resolve_spec
+from normjax._conv import check_conv, leaf_clip, leaf_sigma, resolve_spec
 from normjax._select import (
     Axis,
     Dims,
@@ -218,10 +218,7 @@ def project_spectral_norm(
     for leaf in leaves:
         if leaf.selected:
             d = resolve_spec(dims, leaf.path, leaf.value, name)
-            if mode == "clip":
-                check_clip(d, leaf.path, name)
-            else:
-                check_estimator(d, "svd", leaf.path, name)
+            check_conv(d, leaf.path, name, estimator="svd", mode=mode)
             leaf = project_spectral_leaf(jnp.asarray(leaf.value), max_value, mode, d)[0]
         else:
             leaf = leaf.value
@@ -257,7 +254,7 @@ def spectral_norms(
     for leaf in leaves:
         if leaf.selected:
             d = resolve_spec(dims, leaf.path, leaf.value, name)
-            check_estimator(d, estimator, leaf.path, name)
+            check_conv(d, leaf.path, name, estimator=estimator)
             out[leaf.path] = leaf_sigma(jnp.asarray(leaf.value), d, estimator, num_iters)[0]
     return out
 

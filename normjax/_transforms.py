@@ -18,7 +18,7 @@ from normjax._norms import (
     spectral_scale,
     unit_norms,
 )
-from normjax._conv import check_clip, check_estimator, leaf_clip, leaf_init_vector, leaf_sigma, resolve_spec
+from normjax._conv import check_conv, leaf_clip, leaf_init_vector, leaf_sigma, resolve_spec
 from normjax._project import _check_min_max, check_mode
 from normjax._select import Axis, Dims, PyTree, Where, check_scalar, resolve_axes, select
 
@@ -324,10 +324,7 @@ def spectral_norm(
 
     def resolve(path: str, leaf: Any):
         spec = resolve_spec(dims, path, leaf, name)
-        if mode == "clip":
-            check_clip(spec, path, name)
-        else:
-            check_estimator(spec, estimator, path, name)
+        check_conv(spec, path, name, estimator=estimator, mode=mode)
         return spec
 
     def init_fn(params: PyTree) -> SpectralNormState:

@@ -1038,7 +1038,7 @@ def test_flax_nnx_optimizer_with_conv_rules(estimator):
         assert u["head/kernel"].shape == (2,)
     assert max(seen) > 2 * C  # the steps did push the layer far out of the ball
     # Gram certifies every step; power is a lower bound that lags big jumps (measured: 4.7x at
-    # step 4 of this run) and has caught up once the weights settle (1.00001 by step 12)
+    # step 4 of this run) and has caught up once the weights settle (1.00001 by step 13)
     tol = 1.0 + (1e-5 if estimator == "gram" else 1e-3)
     for conv, spec in [(model.conv1, rules[r"conv1/kernel"]), (model.conv2, rules[r"conv2/kernel"])]:
         assert ref_norm(np.asarray(conv.kernel[...]), spec) <= C * tol
