@@ -33,7 +33,8 @@ from normjax._project import (
     project_unit_norm,
     spectral_norms,
 )
-from normjax._select import MatrixDims, path_str
+from normjax._select import by_path, path_str
+from normjax._viewtypes import Embedding, MatrixDims, NotMatrix
 from normjax._transforms import (
     NormState,
     SpectralNormState,
@@ -47,10 +48,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConvSpec",
+    "Embedding",
     "MatrixDims",
     "NormState",
+    "NotMatrix",
     "SpectralNormState",
     "band_project",
+    "by_path",
     "clip_singular_values",
     "conv_clip",
     "conv_operator",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -34,33 +35,41 @@ from normjax._norms import (
     gram_stack,
     power_loop,
 )
-from normjax._select import resolve_dims
 from normjax._shard import auto_where_explicit, batch_spec, like
 
 Padding = str | int | Sequence[int | tuple[int, int]]
 
 
-class ConvSpec(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
     """The convolution a kernel leaf takes part in, with Flax ``nn.Conv`` semantics.
 
     Attributes:
       input_shape: the spatial shape of the layer's input, without batch and channels
-        (``(8, 8)`` for ``(N, 8, 8, C)`` images). Its length is the number of spatial axes;
-        kernel axes in front of ``(*kernel_size, in // groups, out)`` are batch axes
-        (convolutions stacked for ``scan``), each with its own norm.
+        (``(8, 8)`` for ``(N, 8, 8, C)`` images). Its length is the number of spatial axes.
       strides: an int or one per spatial axis.
       padding: ``"SAME"``, ``"VALID"``, ``"SAME_LOWER"``, ``"CIRCULAR"``, ``"REFLECT"``,
         ``"CAUSAL"`` (1-D), an int, or one int or ``(low, high)`` pair per spatial axis.
-      kernel_dilation: an int or one per spatial axis.
+      kernel_dilation: an int or one per spatial axis (``rhs_dilation``).
       feature_group_count: Flax's ``feature_group_count``.
-      kernel_layout: ``"flax"`` (default): ``(*batch, *kernel_size, in // groups, out)``, the
-        layout of ``flax.linen.Conv`` and ``flax.nnx.Conv``; ``"torch"``:
-        ``(*batch, out, in // groups, *kernel_size)``, the layout of ``equinox.nn.Conv`` and
-        ``torch.nn.Conv2d``. The operator (hence its norm) is the same cross-correlation either
-        way; the input layout (channels first or last) permutes coordinates and changes no norm.
+      kernel_layout: the order of the kernel's axes. ``"flax"`` (default):
+        ``(*kernel_size, in // groups, out)``, the layout of ``flax.linen.Conv`` and
+        ``flax.nnx.Conv``; ``"torch"``: ``(out, in // groups, *kernel_size)``, the layout of
+        ``equinox.nn.Conv`` and ``torch.nn.Conv2d``; or an arrangement of ``"O"`` (output
+        features), ``"I"`` (input features) and the spatial letters ``"W"`` (1-D), ``"HW"``
+        (2-D) or ``"DHW"`` (3-D), named in the input's spatial order (``"HWIO"`` is flax,
+        ``"OIHW"`` torch, ``"WIO"`` a 1-D flax kernel, ``"WHIO"`` a flax kernel stored with its
+        spatial axes swapped). The operator (hence its norm) is the same
+        cross-correlation whatever the layout; channels first or last permutes coordinates
+        and changes no norm.
+      input_dilation: an int or one per spatial axis (``lhs_dilation``: a transposed
+        convolution, as ``flax.linen.ConvTranspose`` computes it).
+      batch_dims: how many leading kernel axes are batch axes (convolutions stacked for
+        ``scan`` or ``vmap``), each batch index with its own norm. The kernel must have
+        exactly ``batch_dims + len(input_shape) + 2`` axes.
 
     >>> ConvSpec((32, 32), strides=2)
-    ConvSpec(input_shape=(32, 32), strides=2, padding='SAME', kernel_dilation=1, feature_group_count=1, kernel_layout='flax')
+    ConvSpec(input_shape=(32, 32), strides=2, padding='SAME', kernel_dilation=1, feature_group_count=1, kernel_layout='flax', input_dilation=1, batch_dims=0)
     """
 
     input_shape: Sequence[int]
@@ -69,6 +78,8 @@ class ConvSpec(NamedTuple):
     kernel_dilation: int | Sequence[int] = 1
     feature_group_count: int = 1
     kernel_layout: str = "flax"
+    input_dilation: int | Sequence[int] = 1
+    batch_dims: int = 0
 
 
 class ResolvedConv(NamedTuple):
@@ -85,7 +96,9 @@ class ResolvedConv(NamedTuple):
     pads: tuple[tuple[int, int], ...]
     groups: int
     output_shape: tuple[int, ...]
-    layout: str = "flax"  # of the kernel as given; the estimators work on the flax view
+    # the kernel's axes in flax order (*batch, *spatial, in, out); None: already in it
+    kernel_perm: tuple[int, ...] | None = None
+    input_dilation: tuple[int, ...] | None = None  # None: no lhs dilation
 
     @property
     def nd(self) -> int:
@@ -95,14 +108,43 @@ class ResolvedConv(NamedTuple):
     def effective_kernel(self) -> tuple[int, ...]:
         return tuple((k - 1) * d + 1 for k, d in zip(self.kernel_size, self.dilation))
 
+    @property
+    def dilated_input(self) -> tuple[int, ...]:
+        """The spatial shape after input (lhs) dilation: ``(n - 1) * d + 1``."""
+        d = self.input_dilation or (1,) * self.nd
+        return tuple((n - 1) * di + 1 for n, di in zip(self.input_shape, d))
+
 
 CONV_METHODS = ("power", "fft", "gram", "svd")
-KERNEL_LAYOUTS = ("flax", "torch")
+_SPATIAL_LETTERS = {1: "W", 2: "HW", 3: "DHW"}
 _PAD_STRINGS = ("SAME", "VALID", "SAME_LOWER", "CIRCULAR", "REFLECT", "CAUSAL")
 DENSE_LIMIT = 1 << 26  # entries of a materialised operator ("svd" on non-circular padding)
 # "gram" on a zero-padded convolution also runs Gram iteration on the materialised operator
 # when that is cheap: min(inputs, outputs)**3 * num_iters at most this (a few ms on a CPU core).
 DENSE_GRAM_BUDGET = 1 << 28
+
+
+def kernel_letters(kernel_layout: str, nd: int, where: str) -> str:
+    """The layout of a conv kernel as a letter string: ``"flax"`` -> ``"HWIO"``, ``"torch"`` -> ``"OIHW"``.
+
+    >>> kernel_letters("torch", 1, "demo"), kernel_letters("DHWIO", 3, "demo")
+    ('OIW', 'DHWIO')
+    """
+    spatial = _SPATIAL_LETTERS.get(nd)
+    if spatial is None:
+        raise ValueError(f"{where}: convolutions with {nd} spatial axes are not supported (1 to 3)")
+    if kernel_layout == "flax":
+        return spatial + "IO"
+    if kernel_layout == "torch":
+        return "OI" + spatial
+    s = kernel_layout
+    if not isinstance(s, str) or len(s) != nd + 2 or sorted(s) != sorted(spatial + "IO"):
+        raise ValueError(
+            f"{where}: unknown kernel_layout {kernel_layout!r}; expected 'flax', 'torch' or an arrangement of "
+            f"the letters {spatial + 'IO'!r} (spatial axes {', '.join(spatial)} in the input's order, 'I' input "
+            f"and 'O' output features; e.g. {spatial + 'IO'!r}, {'OI' + spatial!r})"
+        )
+    return s
 
 
 def _per_axis(value: Any, nd: int, label: str, where: str) -> tuple[int, ...]:
@@ -138,22 +180,24 @@ def resolve_conv(spec: ConvSpec, path: str, kernel: Any, name: str) -> ResolvedC
             f"batch and channels), got {spec.input_shape!r}"
         )
     input_shape = tuple(int(n) for n in input_shape)
-    layout = spec.kernel_layout
-    if layout not in KERNEL_LAYOUTS:
-        raise ValueError(f"{where}: unknown kernel_layout {layout!r}; expected one of {KERNEL_LAYOUTS}")
+    letters = kernel_letters(spec.kernel_layout, nd, where)
     shape = tuple(np.shape(kernel))
-    if len(shape) < nd + 2:
-        form = "(*kernel_size, in // groups, out)" if layout == "flax" else "(out, in // groups, *kernel_size)"
+    nb = spec.batch_dims
+    if isinstance(nb, bool) or not isinstance(nb, (int, np.integer)) or nb < 0:
+        raise ValueError(f"{where}: ConvSpec.batch_dims must be an int >= 0, got {nb!r}")
+    nb = int(nb)
+    if len(shape) != nb + nd + 2:
         raise ValueError(
-            f"{where}: kernel of shape {shape} has {len(shape) - 2} spatial axes but input_shape "
-            f"{input_shape} has {nd}; input_shape is the spatial shape only (no batch or channel axis), "
-            f"and the kernel is {form} (kernel_layout={layout!r})"
+            f"{where}: kernel of shape {shape} has {len(shape)} axes, but ConvSpec with input_shape "
+            f"{input_shape} ({nd} spatial axes), kernel_layout {letters!r} and batch_dims={nb} needs "
+            f"{nb + nd + 2}; input_shape is the spatial shape only (no batch or channel axis), and "
+            f"stacked kernels declare their leading axes with batch_dims="
         )
-    nb = len(shape) - nd - 2
-    if layout == "flax":
-        kernel_size, (cin_g, cout) = shape[nb : nb + nd], shape[-2:]
-    else:
-        kernel_size, (cout, cin_g) = shape[nb + 2 :], shape[nb : nb + 2]
+    pos = {ch: nb + i for i, ch in enumerate(letters)}
+    spatial_pos = [pos[ch] for ch in _SPATIAL_LETTERS[nd]]  # in the input's spatial order
+    perm = tuple(range(nb)) + tuple(spatial_pos) + (pos["I"], pos["O"])
+    kernel_size = tuple(shape[a] for a in spatial_pos)
+    cin_g, cout = shape[pos["I"]], shape[pos["O"]]
     g = spec.feature_group_count
     if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 1:
         raise ValueError(f"{where}: feature_group_count must be a positive int, got {g!r}")
@@ -165,6 +209,8 @@ def resolve_conv(spec: ConvSpec, path: str, kernel: Any, name: str) -> ResolvedC
     strides = _per_axis(spec.strides, nd, "strides", where)
     dilation = _per_axis(spec.kernel_dilation, nd, "kernel_dilation", where)
     k_eff = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, dilation))
+    in_dil = _per_axis(spec.input_dilation, nd, "input_dilation", where)
+    n_dil = tuple((n - 1) * d + 1 for n, d in zip(input_shape, in_dil))
     padding = spec.padding
     if isinstance(padding, str):
         p = padding.upper()
@@ -180,7 +226,7 @@ def resolve_conv(spec: ConvSpec, path: str, kernel: Any, name: str) -> ResolvedC
             mode, pads = "constant", ((k_eff[0] - 1, 0),)
         else:
             mode = "constant"
-            pads = tuple(tuple(int(x) for x in q) for q in jax.lax.padtype_to_pads(input_shape, k_eff, strides, p))
+            pads = tuple(tuple(int(x) for x in q) for q in jax.lax.padtype_to_pads(n_dil, k_eff, strides, p))
     else:
         mode = "constant"
         items = [padding] * nd if isinstance(padding, (int, np.integer)) else padding
@@ -199,61 +245,36 @@ def resolve_conv(spec: ConvSpec, path: str, kernel: Any, name: str) -> ResolvedC
         if len(pads) != nd:
             raise ValueError(f"{where}: padding {padding!r} has {len(pads)} entries for {nd} spatial axes")
         pads = tuple(pads)
-    padded = tuple(n + lo + hi for n, (lo, hi) in zip(input_shape, pads))
+    padded = tuple(n + lo + hi for n, (lo, hi) in zip(n_dil, pads))
     out_shape = tuple((L - k) // s + 1 if L >= k else 0 for L, k, s in zip(padded, k_eff, strides))
     if min(out_shape) < 1:
         raise ValueError(
             f"{where}: the convolution has an empty output: input {input_shape} padded to {padded} is smaller "
             f"than the dilated kernel {k_eff}"
         )
+    if mode != "constant" and in_dil != (1,) * nd:
+        raise ValueError(f"{where}: {mode} padding with input_dilation {in_dil} is not a Flax convolution")
     return ResolvedConv(
-        tuple(range(nb)), input_shape, kernel_size, cin_g * g, cout, strides, dilation, mode, pads, g, out_shape, layout
+        tuple(range(nb)), input_shape, kernel_size, cin_g * g, cout, strides, dilation, mode, pads, g, out_shape,
+        None if perm == tuple(range(len(shape))) else perm,
+        None if in_dil == (1,) * nd else in_dil,
     )
-
-
-def resolve_spec(dims: Any, path: str, leaf: Any, name: str):
-    """The per-leaf view for the spectral constraints: a matrix view or a convolution.
-
-    ``dims`` is ``None``, a ``MatrixDims``, a :class:`ConvSpec`, a mapping from regular
-    expressions (searched in the path) to any of those (the first match wins; no match means
-    the default matrix view), or a callable ``(path, leaf) -> any of those``.
-    """
-    if isinstance(dims, Mapping):
-        for pattern, spec in dims.items():
-            if re.search(pattern, path):
-                dims = spec
-                break
-        else:
-            dims = None
-    elif callable(dims) and not isinstance(dims, tuple):
-        dims = dims(path, leaf)
-        if isinstance(dims, Mapping):
-            raise TypeError(f"{name}: the dims callable returned a mapping for leaf {path!r}")
-    if isinstance(dims, ConvSpec):
-        return resolve_conv(dims, path, leaf, name)
-    return resolve_dims(dims, path, leaf, name)
 
 
 def _spec(kernel: Any, spec: Any, name: str) -> ResolvedConv:
     return spec if isinstance(spec, ResolvedConv) else resolve_conv(spec, "<kernel>", kernel, name)
 
 
-def _layout_perm(c: ResolvedConv) -> tuple[int, ...]:
-    """Axes of a ``"torch"`` kernel ``(*batch, out, in, *k)`` in flax order ``(*batch, *k, in, out)``."""
-    nb = len(c.batch)
-    return tuple(range(nb)) + tuple(range(nb + 2, nb + 2 + c.nd)) + (nb + 1, nb)
-
-
 def _flax_kernel(kernel: jax.Array, c: ResolvedConv) -> tuple[jax.Array, ResolvedConv]:
     """The kernel in flax layout and the spec that describes it (a no-op for flax kernels)."""
-    if c.layout == "flax":
+    if c.kernel_perm is None:
         return kernel, c
-    return jnp.transpose(kernel, _layout_perm(c)), c._replace(layout="flax")
+    return jnp.transpose(kernel, c.kernel_perm), c._replace(kernel_perm=None)
 
 
 def _native_kernel(kernel: jax.Array, c: ResolvedConv) -> jax.Array:
     """A flax-layout kernel back in the layout ``c`` was given in."""
-    return kernel if c.layout == "flax" else jnp.transpose(kernel, np.argsort(_layout_perm(c)))
+    return kernel if c.kernel_perm is None else jnp.transpose(kernel, np.argsort(c.kernel_perm))
 
 
 # ----------------------------------------------------------------------------------------
@@ -280,6 +301,7 @@ def _apply_one(kernel: jax.Array, x: jax.Array, c: ResolvedConv) -> jax.Array:
         kernel.astype(x.dtype),
         c.strides,
         padding,
+        lhs_dilation=c.input_dilation,
         rhs_dilation=c.dilation,
         dimension_numbers=_dimension_numbers(c.nd),
         feature_group_count=c.groups,
@@ -397,8 +419,8 @@ def _fourier_layout(c: ResolvedConv, circular_exact: bool):
     strided circular convolution never wraps for the outputs kept; the operator is a row and
     column selection of it, so its norm is at most that convolution's.
     """
-    if c.pad_mode == "reflect":
-        return None
+    if c.pad_mode == "reflect" or c.input_dilation is not None:
+        return None  # REFLECT duplicates border pixels; an input-dilated (transposed) conv is no circulant
     if c.pad_mode == "wrap":
         divisible = all(n % s == 0 for n, s in zip(c.input_shape, c.strides))
         if not divisible and circular_exact:
@@ -543,19 +565,20 @@ def conv_sigma_gram(kernel: jax.Array, spec: ConvSpec | ResolvedConv, *, num_ite
     kernel = jnp.asarray(kernel)
     kernel, c = _flax_kernel(kernel, _spec(kernel, spec, "conv_sigma_gram"))
     layout = _fourier_layout(c, circular_exact=False)
-    if layout is None:
-        raise ValueError(
-            "conv_sigma_gram: REFLECT padding duplicates border pixels and has no certified Fourier "
-            "bound here; use method='power' or 'svd'"
-        )
+    refusal = conv_refusal(c, estimator="gram")
+    if refusal is not None:
+        raise ValueError(f"conv_sigma_gram: {refusal}")
     k = kernel.astype(acc_dtype(kernel.dtype))
-    extra = _fft_error(layout, k.dtype)
     n_in, n_out = _dense_size(c)
-    dense = c.pad_mode != "wrap" and n_in * n_out <= DENSE_LIMIT and min(n_in, n_out) ** 3 * int(num_iters) <= DENSE_GRAM_BUDGET
+    dense = c.pad_mode != "wrap" and n_in * n_out <= DENSE_LIMIT and (
+        layout is None or min(n_in, n_out) ** 3 * int(num_iters) <= DENSE_GRAM_BUDGET
+    )
 
     def one(kk):
+        if layout is None:  # an input-dilated convolution: only the materialised operator
+            return gram_stack(_dense_matrix(kk, c)[None], int(num_iters))[0]
         f, _ = _fourier_matrices(kk, c, layout)
-        bound = jnp.max(gram_stack(f, int(num_iters), extra))
+        bound = jnp.max(gram_stack(f, int(num_iters), _fft_error(layout, k.dtype)))
         if dense:  # both are certified: keep the smaller
             bound = jnp.minimum(bound, gram_stack(_dense_matrix(kk, c)[None], int(num_iters))[0])
         return bound
@@ -626,7 +649,7 @@ def conv_clip(kernel: jax.Array, max_value: Any, spec: ConvSpec | ResolvedConv) 
     """
     kernel = jnp.asarray(kernel)
     native = _spec(kernel, spec, "conv_clip")
-    c = native._replace(layout="flax")  # what the Fourier maths sees; body() transposes to it and back
+    c = native._replace(kernel_perm=None)  # what the Fourier maths sees; body() transposes to it and back
     layout = _fourier_layout(c, circular_exact=True) if c.pad_mode == "wrap" else None
     if layout is None:
         raise ValueError(_fft_unsupported(c, "conv_clip").replace("FFT method", "Fourier clip"))
@@ -681,6 +704,8 @@ def conv_spectral_norm(
     kernel_dilation: int | Sequence[int] = 1,
     feature_group_count: int = 1,
     kernel_layout: str = "flax",
+    input_dilation: int | Sequence[int] = 1,
+    batch_dims: int = 0,
     method: str = "power",
     num_iters: int | None = None,
     u: jax.Array | None = None,
@@ -688,12 +713,13 @@ def conv_spectral_norm(
 ) -> jax.Array:
     r"""Operator norm :math:`\lVert x \mapsto \mathrm{conv}(x, K) \rVert_2` as Flax's ``nn.Conv`` applies it.
 
-    ``kernel`` has Flax's layout ``(*kernel_size, in // feature_group_count, out)``, optionally
-    behind batch axes (one norm each), or with ``kernel_layout="torch"`` the layout of
-    ``equinox.nn.Conv`` and ``torch.nn.Conv2d``, ``(out, in // feature_group_count,
-    *kernel_size)``; the input is channels-last with spatial shape
-    ``input_shape``; ``strides``, ``padding``, ``kernel_dilation`` and ``feature_group_count``
-    mean what they mean for ``nn.Conv`` (see :class:`ConvSpec`). The norm depends on the input
+    ``kernel`` has Flax's layout ``(*kernel_size, in // feature_group_count, out)``, behind
+    ``batch_dims`` leading batch axes (one norm each), or with ``kernel_layout="torch"`` the
+    layout of ``equinox.nn.Conv`` and ``torch.nn.Conv2d``, ``(out, in // feature_group_count,
+    *kernel_size)`` (or any letter string, see :class:`ConvSpec`); the input has spatial shape
+    ``input_shape``; ``strides``, ``padding``, ``kernel_dilation``, ``feature_group_count``
+    and ``input_dilation`` mean what they mean for ``nn.Conv`` / ``lax.conv_general_dilated``
+    (see :class:`ConvSpec`). The norm depends on the input
     size and the padding, and is *not* the largest singular value of the kernel reshaped to
     ``(prod(kernel_size) * in, out)``: that number can be well below it (it is exact only for
     1x1 kernels), and a network constrained by it is not 1-Lipschitz.
@@ -732,7 +758,7 @@ def conv_spectral_norm(
     kernel = jnp.asarray(kernel)
     if not jnp.issubdtype(kernel.dtype, jnp.floating):
         raise TypeError(f"{name}: kernel must be floating point, got {kernel.dtype}")
-    spec = ConvSpec(input_shape, strides, padding, kernel_dilation, feature_group_count, kernel_layout)
+    spec = ConvSpec(input_shape, strides, padding, kernel_dilation, feature_group_count, kernel_layout, input_dilation, batch_dims)
     c = resolve_conv(spec, "kernel", kernel, name)
     if method == "power":
         iters = 100 if num_iters is None else num_iters
@@ -747,75 +773,41 @@ def conv_spectral_norm(
 
 
 # ----------------------------------------------------------------------------------------
-# One entry point per estimator for a leaf whose spec is a matrix view or a convolution
+# What each estimator and mode can do with a given convolution (checked at init/trace time)
 # ----------------------------------------------------------------------------------------
 
 
-def is_conv(spec: Any) -> bool:
-    return isinstance(spec, ResolvedConv)
+def conv_refusal(c: ResolvedConv, *, estimator: str, mode: str | None = None) -> str | None:
+    """Why ``estimator``/``mode`` cannot handle the convolution ``c`` (``None``: it can).
 
-
-def _check_clip(spec: Any, path: str, name: str) -> None:
-    """``mode="clip"`` on a convolution needs the Fourier clip: circular padding, strides dividing."""
-    if is_conv(spec) and (spec.pad_mode != "wrap" or _fourier_layout(spec, circular_exact=True) is None):
-        raise ValueError(
-            f"{name}: mode='clip' on the convolution {path!r} needs CIRCULAR padding with strides dividing "
-            f"the input (the Fourier clip); its spec has padding {spec.pads} ({spec.pad_mode}) and strides "
-            f"{spec.strides}. Use mode='rescale'"
-        )
-
-
-def check_conv(spec: Any, path: str, name: str, *, estimator: str, mode: str | None = None) -> None:
-    """Refuses, naming the leaf, a convolution the mode or estimator cannot handle (at init/trace time).
-
-    ``mode="clip"`` needs the Fourier clip (:func:`_check_clip`); otherwise ``"gram"`` has no
-    certified Fourier bound for REFLECT padding, and ``"svd"`` on a non-circular convolution
-    materialises the operator and is refused above :data:`DENSE_LIMIT` entries.
+    ``mode="clip"`` needs the Fourier clip (circular padding, strides dividing the input);
+    ``"gram"`` has no certified Fourier bound for REFLECT padding or an input-dilated
+    (transposed) convolution unless its operator is small enough to materialise; ``"svd"`` on
+    a non-circular convolution materialises the operator, refused above :data:`DENSE_LIMIT`.
     """
+    n_in, n_out = _dense_size(c)
     if mode == "clip":
-        _check_clip(spec, path, name)
-        return
-    if not is_conv(spec):
-        return
-    if estimator == "gram" and spec.pad_mode == "reflect":
-        raise ValueError(
-            f"{name}: estimator='gram' on the convolution {path!r}: REFLECT padding duplicates border "
-            f"pixels and has no certified Fourier bound; use estimator='power' or 'svd', or another padding"
+        if c.pad_mode != "wrap" or _fourier_layout(c, circular_exact=True) is None:
+            return (
+                f"mode='clip' needs CIRCULAR padding with strides dividing the input (the Fourier clip); "
+                f"this convolution has padding {c.pads} ({c.pad_mode}), strides {c.strides}"
+                + (f", input dilation {c.input_dilation}" if c.input_dilation else "")
+                + ". Use mode='rescale'"
+            )
+        return None
+    if estimator == "gram" and c.pad_mode == "reflect":
+        return (
+            "estimator='gram': REFLECT padding duplicates border pixels and has no certified Fourier bound; "
+            "use estimator='power' or 'svd', or another padding"
         )
-    if estimator == "svd" and not _fft_exact(spec) and (size := _dense_size(spec))[0] * size[1] > DENSE_LIMIT:
-        raise ValueError(
-            f"{name}: estimator='svd' on the convolution {path!r} would materialise a {size[0]} x {size[1]} "
-            f"operator (limit {DENSE_LIMIT} entries); use estimator='gram' (certified bound) or 'power'"
+    if estimator == "gram" and c.input_dilation is not None and n_in * n_out > DENSE_LIMIT:
+        return (
+            f"estimator='gram' on an input-dilated (transposed) convolution needs its {n_in} x {n_out} operator "
+            f"materialised (limit {DENSE_LIMIT} entries); use estimator='power'"
         )
-
-
-def leaf_init_vector(key: jax.Array, w: Any, spec: Any, num_iters: int) -> jax.Array:
-    """A power vector for the leaf, converged by ``num_iters`` iterations from a random start."""
-    from normjax._norms import init_power_vector, sigma_power
-
-    if is_conv(spec):
-        return conv_sigma_power(w, init_conv_power_vector(key, w, spec), spec, num_iters=num_iters)[1]
-    return sigma_power(w, init_power_vector(key, w, spec), num_iters=num_iters, dims=spec)[1]
-
-
-def leaf_sigma(w: jax.Array, spec: Any, estimator: str, num_iters: int, u: jax.Array | None = None):
-    """``(sigma, new_u)`` for one leaf: ``"power"`` (needs ``u``), ``"gram"`` or ``"svd"`` (exact)."""
-    from normjax._norms import sigma_gram, sigma_power, sigma_svd
-
-    conv = is_conv(spec)
-    if estimator == "power":
-        if conv:
-            return conv_sigma_power(w, u, spec, num_iters=num_iters)
-        return sigma_power(w, u, num_iters=num_iters, dims=spec)
-    if estimator == "gram":
-        return (conv_sigma_gram(w, spec, num_iters=num_iters) if conv else sigma_gram(w, num_iters=num_iters, dims=spec)), None
-    return (conv_sigma_svd(w, spec) if conv else sigma_svd(w, dims=spec)), None
-
-
-def leaf_clip(w: jax.Array, max_value: Any, spec: Any) -> tuple[jax.Array, jax.Array]:
-    """``(w_new, sigma)``: the SVD clip of a matrix view, the Fourier clip of a circular convolution."""
-    from normjax._norms import clip_singular_values
-
-    if is_conv(spec):
-        return conv_clip(w, max_value, spec)
-    return clip_singular_values(w, max_value, dims=spec)
+    if estimator == "svd" and not _fft_exact(c) and n_in * n_out > DENSE_LIMIT:
+        return (
+            f"estimator='svd' would materialise a {n_in} x {n_out} operator (limit {DENSE_LIMIT} entries); "
+            f"use estimator='gram' (certified bound) or 'power'"
+        )
+    return None

@@ -1,29 +1,37 @@
-"""Which leaves a constraint touches (``where=``) and which axes form a unit (``axis=``)."""
+"""Which leaves a constraint touches (``where=``), path rules, and which axes form a unit or a matrix.
+
+Paths are written ``"a/b/kernel"`` (:func:`path_str`). A string in ``where=`` or a key of a rule
+mapping (``dims={regex: view}``) is a regular expression that must match a run of *whole path
+components*: ``"Conv_1"`` matches ``"Conv_1/kernel"`` but not ``"Conv_10/kernel"``,
+``"kernel"`` matches every ``.../kernel``, ``"Dense_.*"`` every dense layer, and ``"weight$"``
+or ``"^enc/"`` work as anchors. A pattern that matches no leaf raises, naming it.
+"""
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-PyTree: TypeAlias = Any
-Where: TypeAlias = (
-    None | str | re.Pattern[str] | Callable[[str, Any], bool] | PyTree
-)
-"""Leaf selection: ``None`` (float leaves with ``ndim >= 2``), a regular expression
-searched in the leaf's path ``"a/b/kernel"``, a callable ``(path, leaf) -> bool``, or a
-pytree of bools shaped like (a prefix of) the parameters, as in ``optax.masked``."""
+from normjax._viewtypes import MatrixDims
 
-Axis: TypeAlias = (
-    None | int | Sequence[int] | Callable[[str, Any], "int | Sequence[int] | None"]
-)
+PyTree: TypeAlias = Any
+Where: TypeAlias = None | str | re.Pattern[str] | Callable[[str, Any], bool] | PyTree
+"""Leaf selection: ``None`` (see :func:`default_selected`), a regular expression matched
+against whole components of the leaf's path ``"a/b/kernel"``, a callable
+``(path, leaf) -> bool``, or a pytree of bools shaped like (a prefix of) the parameters, as in
+``optax.masked``."""
+
+Axis: TypeAlias = None | int | Sequence[int] | Callable[[str, Any], "int | Sequence[int] | None"]
 """Axes reduced to form one unit's norm: ``None`` (all but the last), an int, a tuple,
 or a callable ``(path, leaf) -> axes`` giving a per-leaf rule."""
+
+NOT_MATRIX_NAMES = ("bias", "b", "scale")
+"""Without views, leaves whose last path entry is one of these are never selected by default."""
 
 
 def path_str(path: Sequence[Any]) -> str:
@@ -53,16 +61,69 @@ def path_str(path: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
-class Leaf(NamedTuple):
-    """One parameter leaf with its path and whether the constraint applies to it."""
+def compile_rule(pattern: str | re.Pattern[str], name: str) -> re.Pattern[str]:
+    """A path regex that matches only runs of whole path components (see the module docstring).
 
-    path: str
-    value: Any
-    selected: bool
+    >>> [bool(compile_rule("Conv_1", "demo").search(p)) for p in ("Conv_1/kernel", "Conv_10/kernel", "a/Conv_1")]
+    [True, False, True]
+    >>> bool(compile_rule("^enc/", "demo").search("enc/kernel")), bool(compile_rule("ker", "demo").search("kernel"))
+    (True, False)
+    """
+    text = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
+    if not isinstance(text, str):
+        raise TypeError(f"{name}: a path rule must be a string or a compiled regex, got {pattern!r}")
+    flags = pattern.flags if isinstance(pattern, re.Pattern) else 0
+    try:
+        return re.compile(r"(?:^|(?<=/)|(?=/))(?:" + text + r")(?:(?=/|$)|(?<=/))", flags)
+    except re.error as e:
+        raise ValueError(f"{name}: {text!r} is not a valid regular expression: {e}") from e
 
 
-def _is_float(x: Any) -> bool:
+def match_rules(rules: Mapping[Any, Any], paths: Sequence[str], name: str, label: str) -> list[Any]:
+    """For each path, the value of the one rule whose key matches it (``None`` if none does).
+
+    Every key must match at least one path, and no path may match two keys: both raise a
+    ``ValueError`` naming the key(s) and the leaf.
+    """
+    compiled = [(key, compile_rule(key, name), value) for key, value in rules.items()]
+    out: list[Any] = []
+    used = {key: False for key, _, _ in compiled}
+    for p in paths:
+        hits = [(key, value) for key, rx, value in compiled if rx.search(p)]
+        if len(hits) > 1:
+            raise ValueError(
+                f"{name}: leaf {p!r} is matched by two {label} keys, {hits[0][0]!r} and {hits[1][0]!r}; "
+                f"make the patterns disjoint (they match whole path components)"
+            )
+        for key, _ in hits:
+            used[key] = True
+        out.append(hits[0][1] if hits else None)
+    unused = [key for key, u in used.items() if not u]
+    if unused:
+        raise ValueError(
+            f"{name}: {label} key {unused[0]!r} matches no leaf (patterns match whole path components, "
+            f"e.g. 'Conv_0' or 'Conv_0/kernel'); the leaves are: {_sample(paths)}"
+        )
+    return out
+
+
+def _sample(paths: Sequence[str], k: int = 8) -> str:
+    shown = ", ".join(repr(p) for p in paths[:k])
+    return shown + (f", ... ({len(paths)} leaves)" if len(paths) > k else "")
+
+
+def is_float(x: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
+def default_selected(path: str, leaf: Any) -> bool:
+    """The selection without views and without ``where=``: a floating-point leaf with
+    ``ndim >= 2`` whose last path entry is not ``bias``, ``b`` or ``scale``.
+
+    A heuristic: it cannot know a stacked ``(L, d)`` bias under another name. :func:`normjax.infer_views`
+    reads each leaf's role from the model instead.
+    """
+    return is_float(leaf) and np.ndim(leaf) >= 2 and path.rsplit("/", 1)[-1] not in NOT_MATRIX_NAMES
 
 
 def _mask_leaves(where: PyTree, params: PyTree, name: str) -> list[bool]:
@@ -86,44 +147,26 @@ def _mask_leaves(where: PyTree, params: PyTree, name: str) -> list[bool]:
         if not isinstance(m, (bool, np.bool_)) and not (
             hasattr(m, "dtype") and np.shape(m) == () and np.asarray(m).dtype == np.bool_
         ):
-            raise TypeError(
-                f"{name}: where= mask entry at {path_str(p)!r} is {m!r}; a mask holds Python bools"
-            )
+            raise TypeError(f"{name}: where= mask entry at {path_str(p)!r} is {m!r}; a mask holds Python bools")
         out.append(bool(m))
     return out
 
 
-def select(params: PyTree, where: Where, name: str) -> tuple[Any, list[Leaf]]:
-    """Flattens ``params`` and decides, per leaf, whether the constraint applies.
-
-    Returns the treedef and one :class:`Leaf` per array leaf. ``None`` leaves and
-    ``optax.MaskedNode`` are empty subtrees, so they never appear and pass through.
-
-    Raises:
-      TypeError: a leaf that is not floating point was selected explicitly.
-    """
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    paths = [path_str(p) for p, _ in flat]
-    values = [v for _, v in flat]
-    explicit = where is not None
-    if where is None:
-        sel = [_is_float(v) and np.ndim(v) >= 2 for v in values]
-    elif isinstance(where, (str, re.Pattern)):
-        pattern = re.compile(where)
-        sel = [pattern.search(p) is not None for p in paths]
-    elif callable(where):
-        sel = [bool(where(p, v)) for p, v in zip(paths, values)]
-    else:
-        sel = _mask_leaves(where, params, name)
-    leaves = []
-    for p, v, s in zip(paths, values, sel):
-        if s and explicit and not _is_float(v):
-            raise TypeError(
-                f"{name}: leaf {p!r} (dtype {jnp.result_type(v)}, shape {np.shape(v)}) was selected by "
-                f"where= but is not floating point; only float leaves can be constrained"
+def where_selected(where: Where, params: PyTree, paths: Sequence[str], values: Sequence[Any], name: str) -> list[bool]:
+    """One bool per leaf for an explicit ``where=`` (not ``None``). A regex matching no leaf raises."""
+    if isinstance(where, (str, re.Pattern)):
+        rx = compile_rule(where, name)
+        sel = [rx.search(p) is not None for p in paths]
+        if not any(sel):
+            text = where.pattern if isinstance(where, re.Pattern) else where
+            raise ValueError(
+                f"{name}: where={text!r} matches no leaf (patterns match whole path components); "
+                f"the leaves are: {_sample(list(paths))}"
             )
-        leaves.append(Leaf(p, v, s))
-    return treedef, leaves
+        return sel
+    if callable(where):
+        return [bool(where(p, v)) for p, v in zip(paths, values)]
+    return _mask_leaves(where, params, name)
 
 
 def resolve_axes(axis: Axis, path: str, leaf: Any, name: str) -> tuple[int, ...]:
@@ -152,7 +195,12 @@ def resolve_axes(axis: Axis, path: str, leaf: Any, name: str) -> tuple[int, ...]
 
 def normalize_axes(axes: Any, ndim: int, path: str, shape: tuple[int, ...], label: str, name: str) -> tuple[int, ...]:
     """An int or a sequence of ints as sorted non-negative axes of a leaf, with errors naming it."""
-    given = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+    if isinstance(axes, (int, np.integer)) and not isinstance(axes, bool):
+        given: tuple = (axes,)
+    elif isinstance(axes, Sequence) and not isinstance(axes, str):
+        given = tuple(axes)
+    else:
+        raise TypeError(f"{name}: {label}= must be an int or a sequence of ints, got {axes!r} for leaf {path!r}")
     out = []
     for a in given:
         if not isinstance(a, (int, np.integer)) or isinstance(a, bool):
@@ -165,63 +213,6 @@ def normalize_axes(axes: Any, ndim: int, path: str, shape: tuple[int, ...], labe
     return tuple(sorted(out))
 
 
-def is_concrete(x: Any) -> bool:
-    """True when ``x`` has a value now (not a tracer inside jit or inject_hyperparams)."""
-    return not isinstance(x, jax.core.Tracer)
-
-
-def check_scalar(
-    value: Any,
-    argname: str,
-    name: str,
-    *,
-    positive: bool = False,
-    nonnegative: bool = False,
-    unit_interval: bool = False,
-) -> None:
-    """Validates a hyperparameter when its value is known (skipped for tracers)."""
-    if not is_concrete(value):
-        return
-    if isinstance(value, (str, bytes)) or np.ndim(value) != 0:
-        raise TypeError(f"{name}: {argname} must be a real scalar, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"{name}: {argname} must be a real number, got {value!r}") from e
-    if not math.isfinite(v):
-        raise ValueError(f"{name}: {argname} must be finite, got {v}")
-    if positive and not v > 0:
-        raise ValueError(f"{name}: {argname} must be > 0, got {v}")
-    if nonnegative and not v >= 0:
-        raise ValueError(f"{name}: {argname} must be >= 0, got {v}")
-    if unit_interval and not 0.0 <= v <= 1.0:
-        raise ValueError(f"{name}: {argname} must lie in [0, 1], got {v}")
-
-
-class MatrixDims(NamedTuple):
-    """Which axes of an N-d leaf form the rows and the columns of its matrix.
-
-    Every axis in neither is a batch axis: each batch index is its own matrix with its own
-    sigma (layers stacked for ``scan``, attention heads). Negative axes count from the end;
-    the order of axes within ``in_axes`` or ``out_axes`` does not change any singular value.
-
-    >>> MatrixDims(in_axes=-2, out_axes=-1)                 # (L, in, out): one sigma per layer
-    MatrixDims(in_axes=-2, out_axes=-1)
-    >>> MatrixDims(in_axes=0, out_axes=(1, 2))              # (d_model, heads, head_dim) as one matrix
-    MatrixDims(in_axes=0, out_axes=(1, 2))
-    """
-
-    in_axes: int | Sequence[int]
-    out_axes: int | Sequence[int]
-
-
-Dims: TypeAlias = Any
-"""View of a leaf for the spectral constraints: ``None`` (rows = all axes but the last,
-columns = the last), a :class:`MatrixDims`, a ``ConvSpec`` (the leaf is a convolution
-kernel), a mapping ``{regex: view}`` searched in the leaf's path, or a callable
-``(path, leaf) -> view``."""
-
-
 class ResolvedDims(NamedTuple):
     """A validated matrix view of one leaf: sorted non-negative axes."""
 
@@ -230,8 +221,8 @@ class ResolvedDims(NamedTuple):
     cols: tuple[int, ...]
 
 
-def resolve_dims(dims: Dims, path: str, leaf: Any, name: str) -> ResolvedDims:
-    """Validates ``dims=`` for one leaf.
+def resolve_dims(dims: Any, path: str, leaf: Any, name: str) -> ResolvedDims:
+    """Validates a matrix view (``None``: rows = all axes but the last) for one leaf.
 
     >>> import numpy as np
     >>> resolve_dims(None, "conv/kernel", np.zeros((3, 3, 4, 8)), "spectral_norm")
@@ -240,8 +231,6 @@ def resolve_dims(dims: Dims, path: str, leaf: Any, name: str) -> ResolvedDims:
     ResolvedDims(batch=(0,), rows=(1,), cols=(2,))
     """
     ndim, shape = np.ndim(leaf), np.shape(leaf)
-    if callable(dims) and not isinstance(dims, MatrixDims):
-        dims = dims(path, leaf)
     if dims is None:
         if ndim < 2:
             raise ValueError(
@@ -250,18 +239,11 @@ def resolve_dims(dims: Dims, path: str, leaf: Any, name: str) -> ResolvedDims:
             )
         return ResolvedDims((), tuple(range(ndim - 1)), (ndim - 1,))
     if not isinstance(dims, MatrixDims):
-        raise TypeError(f"{name}: dims= must be None, a MatrixDims or a callable, got {dims!r} for leaf {path!r}")
-
-    def norm(axes, which):
-        out = normalize_axes(axes, ndim, path, shape, f"MatrixDims.{which}", name)
-        if not out:
-            raise ValueError(
-                f"{name}: {dims} leaves no {'row' if which == 'in_axes' else 'column'} axis for leaf {path!r}; "
-                f"in_axes and out_axes must each name at least one axis"
-            )
-        return out
-
-    rows, cols = norm(dims.in_axes, "in_axes"), norm(dims.out_axes, "out_axes")
+        raise TypeError(f"{name}: expected None or a MatrixDims for leaf {path!r}, got {dims!r}")
+    rows = normalize_axes(dims.in_axes, ndim, path, shape, "MatrixDims.in_axes", name)
+    cols = normalize_axes(dims.out_axes, ndim, path, shape, "MatrixDims.out_axes", name)
+    if not rows:
+        raise ValueError(f"{name}: {dims} has no in_axes for leaf {path!r}; the fan-in needs at least one axis")
     if set(rows) & set(cols):
         raise ValueError(
             f"{name}: {dims} overlaps: axes {sorted(set(rows) & set(cols))} are both rows and columns "
@@ -269,3 +251,22 @@ def resolve_dims(dims: Dims, path: str, leaf: Any, name: str) -> ResolvedDims:
         )
     batch = tuple(a for a in range(ndim) if a not in rows and a not in cols)
     return ResolvedDims(batch, rows, cols)
+
+
+def by_path(tree: PyTree) -> dict[str, Any]:
+    """A params-shaped pytree (a transform's state field, :func:`spectral_norms`) as
+    ``{"a/b/kernel": value}``, for logging. Empty placeholders (``optax.MaskedNode``, ``None``)
+    are left out; two leaves whose paths print the same raise.
+
+    >>> import jax.numpy as jnp, normjax as nj
+    >>> state = nj.max_norm(1.0).init({"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}})
+    >>> nj.by_path(state.largest_norm)
+    {'dense/kernel': Array(0., dtype=float32)}
+    """
+    out: dict[str, Any] = {}
+    for p, v in jax.tree_util.tree_leaves_with_path(tree):
+        key = path_str(p)
+        if key in out:
+            raise ValueError(f"by_path: two leaves are both written {key!r}; index the pytree itself instead")
+        out[key] = v
+    return out

@@ -9,114 +9,137 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import numpy as np
-
-from normjax._norms import (
-    band_scale,
-    broadcast_batch,
-    scaled_update,
-    spectral_scale,
-    unit_norms,
+from normjax._checks import (
+    SPECTRAL_ESTIMATORS,
+    SPECTRAL_MODES,
+    check_min_max,
+    check_scalar,
+    choice,
+    positive_int,
 )
-from normjax._conv import check_conv, leaf_clip, leaf_init_vector, leaf_sigma, resolve_spec
-from normjax._project import _check_min_max, check_mode
-from normjax._select import Axis, Dims, PyTree, Where, check_scalar, resolve_axes, select
+from normjax._norms import band_scale, scaled_update, spectral_scale, unit_norms
+from normjax._select import Axis, PyTree, Where
+from normjax._views import View, leaf_views
+
+EMPTY = optax.MaskedNode()
+"""The state entry of a leaf a transform does not constrain: an empty pytree node."""
 
 
 class NormState(NamedTuple):
     """State of :func:`max_norm`, :func:`unit_norm` and :func:`min_max_norm`: what to log.
 
-    Each field maps the path of every selected leaf (``"layer/kernel"``) to a float32
-    scalar computed on ``params + updates`` *before* the projection of the last step
-    (zeros after ``init``).
+    Every field is a pytree shaped like the params (optax's convention): a float32 scalar for
+    each constrained leaf, an empty ``optax.MaskedNode()`` for every other leaf, so no two
+    leaves can collide. Values are computed on ``params + updates`` of the last step (zeros
+    after ``init``); a leaf whose update was ``None`` keeps its previous values.
 
     Attributes:
-      largest_norm: the largest unit norm of the leaf.
-      smallest_norm: the smallest unit norm of the leaf.
+      largest_norm: the largest unit norm of the leaf before the projection.
+      largest_norm_after: the largest unit norm after it (``<= max_value`` up to rounding).
+      smallest_norm: the smallest unit norm before the projection.
       clipped_fraction: the fraction of the leaf's units the projection moved.
 
     Read it from a chain with ``optax.tree_utils.tree_get(opt_state, "largest_norm")``.
     """
 
-    largest_norm: dict[str, jax.Array]
-    smallest_norm: dict[str, jax.Array]
-    clipped_fraction: dict[str, jax.Array]
+    largest_norm: PyTree
+    largest_norm_after: PyTree
+    smallest_norm: PyTree
+    clipped_fraction: PyTree
 
 
-def _stats(n: jax.Array, moved: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    f32 = jnp.float32
-    if n.size == 0:
-        z = jnp.zeros((), f32)
-        return z, z, z
-    return jnp.max(n).astype(f32), jnp.min(n).astype(f32), jnp.mean(moved.astype(f32))
+class SpectralNormState(NamedTuple):
+    """State of :func:`spectral_norm`, every field a pytree shaped like the params.
+
+    Attributes:
+      u: the power-iteration vectors of each constrained leaf, shape
+        ``batch_shape + col_shape`` for a matrix view and ``batch_shape + input_shape + (in,)``
+        for a convolution, float32 (float64 for float64 leaves); ``optax.MaskedNode()`` for
+        ``estimator="gram"``/``"svd"`` and for leaves not constrained.
+      sigma: the sigma estimate of ``params + updates`` before the last projection, one per
+        batch index (shape ``batch_shape``), float32: what to log. Zeros after ``init``.
+      sigma_after: the same estimate after the projection: ``sigma * min(1, c / sigma)`` for
+        ``"rescale"``, ``c`` for ``"normalize"`` (0 for a zero matrix), ``min(sigma, c)`` for
+        ``"clip"`` (exact there).
+    """
+
+    u: PyTree
+    sigma: PyTree
+    sigma_after: PyTree
 
 
-def _selected(params: PyTree, where: Where, name: str, resolve: Callable[[str, Any], Any]):
-    """Flattens params; resolves (and so validates) the per-leaf spec of every selected leaf."""
-    treedef, leaves = select(params, where, name)
-    return treedef, [(leaf, resolve(leaf.path, leaf.value) if leaf.selected else None) for leaf in leaves]
+def _flat_state(treedef, field: PyTree) -> list[Any]:
+    return treedef.flatten_up_to(field)
 
 
-def _project_updates(
+def _update_leaves(
+    name: str,
     updates: PyTree,
     params: PyTree | None,
-    where: Where,
-    name: str,
-    resolve: Callable[[str, Any], Any],
-    update_leaf: Callable[[str, jax.Array, jax.Array, Any], tuple[jax.Array, Any]],
-) -> tuple[PyTree, dict[str, Any]]:
-    """The shared update path over the selected leaves of ``params``.
-
-    ``update_leaf(path, p, u, spec) -> (u_new, aux)`` returns the update that takes ``p`` to
-    the projection of ``p + u`` (see :func:`scaled_update`); unselected leaves and ``None``
-    updates pass through untouched. Returns the updates and ``{path: aux}``.
-    """
+    leaves_of: Callable[[PyTree], tuple[Any, list]],
+    update_leaf: Callable[[int, str, jax.Array, jax.Array, View], tuple[jax.Array, tuple]],
+    old: tuple[list, ...],
+) -> tuple[PyTree, tuple[PyTree, ...]]:
+    """The shared update path: ``update_leaf(i, path, p, u, view) -> (u_new, per-field values)``
+    for every constrained leaf; other leaves' updates pass through untouched, and a leaf whose
+    update is ``None`` keeps its old state values (``old``: the flattened state fields)."""
     if params is None:
         raise ValueError(
             f"{name}: update() needs params (call tx.update(updates, state, params)); "
             "a projection acts on params + updates"
         )
-    treedef, leaves = _selected(params, where, name, resolve)
-    out, aux = [], {}
-    for (leaf, spec), u in zip(leaves, treedef.flatten_up_to(updates)):
-        if spec is None or u is None:
+    treedef, leaves = leaves_of(params)
+    out = []
+    fields = [list(f) for f in old]
+    for i, ((path, p, view), u) in enumerate(zip(leaves, treedef.flatten_up_to(updates))):
+        if view is None or u is None:
             out.append(u)
             continue
-        u_new, aux[leaf.path] = update_leaf(leaf.path, jnp.asarray(leaf.value), jnp.asarray(u), spec)
+        u_new, values = update_leaf(i, path, jnp.asarray(p), jnp.asarray(u), view)
+        for f, value in zip(fields, values):
+            f[i] = value
         out.append(u_new)
-    return treedef.unflatten(out), aux
+    return treedef.unflatten(out), tuple(treedef.unflatten(f) for f in fields)
 
 
 def _unit_band_transform(
-    name: str, min_value: Any, max_value: Any, rate: Any, axis: Axis, where: Where
+    name: str, min_value: Any, max_value: Any, rate: Any, axis: Axis, where: Where, views: PyTree | None
 ) -> optax.GradientTransformation:
     """Projected-gradient transform onto ``{w : min_value <= ||unit|| <= max_value}``."""
 
-    def resolve(path: str, leaf: Any) -> tuple[int, ...]:
-        return resolve_axes(axis, path, leaf, name)
+    def leaves_of(params):
+        return leaf_views(params, name, where=where, views=views, axis=axis)
 
     def init_fn(params: PyTree) -> NormState:
-        _, leaves = _selected(params, where, name, resolve)
-        zeros = {leaf.path: jnp.zeros((), jnp.float32) for leaf, spec in leaves if spec is not None}
-        return NormState(dict(zeros), dict(zeros), dict(zeros))
+        treedef, leaves = leaves_of(params)
+        zeros = [EMPTY if view is None else jnp.zeros((), jnp.float32) for _, _, view in leaves]
+        return NormState(*(treedef.unflatten(zeros) for _ in NormState._fields))
 
-    def update_leaf(path: str, p: jax.Array, u: jax.Array, axes: tuple[int, ...]):
+    def update_leaf(i, path, p, u, view):
         # p + u feeds only the norm reduction, where XLA fuses it; the update is rebuilt
         # from p and u with the per-unit factor (exactly 1 for units left alone).
-        n = unit_norms(p + u.astype(p.dtype), axes)
+        n = unit_norms(p + u.astype(p.dtype), view.unit_axes)
         scale, moved = band_scale(n, min_value, max_value, rate)
-        return scaled_update(p, u, scale), _stats(n, moved)
+        f32 = jnp.float32
+        if n.size == 0:
+            stats = (jnp.zeros((), f32),) * 4
+        else:
+            after = n * scale
+            stats = (jnp.max(n).astype(f32), jnp.max(after).astype(f32), jnp.min(n).astype(f32), jnp.mean(moved.astype(f32)))
+        return scaled_update(p, u, scale), stats
 
     def update_fn(updates: PyTree, state: NormState, params: PyTree | None = None):
-        del state
-        updates, aux = _project_updates(updates, params, where, name, resolve, update_leaf)
-        fields = [{path: stats[i] for path, stats in aux.items()} for i in range(3)]
+        treedef = jax.tree.structure(params) if params is not None else None
+        old = tuple(_flat_state(treedef, f) for f in state) if treedef is not None else ((),) * 4
+        updates, fields = _update_leaves(name, updates, params, leaves_of, update_leaf, old)
         return updates, NormState(*fields)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def max_norm(max_value: Any, *, axis: Axis = None, where: Where = None) -> optax.GradientTransformation:
+def max_norm(
+    max_value: Any, *, axis: Axis = None, where: Where = None, views: PyTree | None = None
+) -> optax.GradientTransformation:
     r"""Keeps every unit's L2 norm at most ``max_value``; put it last in ``optax.chain``.
 
     ``update(updates, state, params)`` returns :math:`u'` with
@@ -127,11 +150,13 @@ def max_norm(max_value: Any, *, axis: Axis = None, where: Where = None) -> optax
     per unit, i.e. projected gradient descent onto the max-norm ball (Srebro & Shraibman
     2005), the constraint Srivastava et al. (2014) pair with dropout. Units that end inside
     the ball keep their update bit for bit; unselected leaves keep theirs unchanged.
-    ``axis`` and ``where`` as in :func:`project_max_norm`; ``max_value`` may be injected
-    with ``optax.inject_hyperparams``.
+    ``axis``, ``where`` and ``views`` as in :func:`project_max_norm` (with
+    ``views=infer_views(...)`` every unit is one output unit's true fan-in, in any layout);
+    ``max_value`` may be injected with ``optax.inject_hyperparams``.
 
-    The state, :class:`NormState`, holds for each selected leaf path the largest unit norm
-    before projection and the fraction of units clipped.
+    The state, :class:`NormState`, is shaped like the params and holds for each constrained
+    leaf the largest unit norm before and after the projection, the smallest, and the fraction
+    of units clipped.
 
     >>> import jax.numpy as jnp, optax, normjax as nj
     >>> params = {"w": jnp.array([[0.6, 0.0], [0.8, 0.1]])}
@@ -142,8 +167,8 @@ def max_norm(max_value: Any, *, axis: Axis = None, where: Where = None) -> optax
     >>> optax.apply_updates(params, updates)["w"]
     Array([[0.6, 0. ],
            [0.8, 0.1]], dtype=float32)
-    >>> state[1].largest_norm["w"], state[1].clipped_fraction["w"]
-    (Array(2., dtype=float32), Array(0.5, dtype=float32))
+    >>> state[1].largest_norm["w"], state[1].largest_norm_after["w"], state[1].clipped_fraction["w"]
+    (Array(2., dtype=float32), Array(1., dtype=float32), Array(0.5, dtype=float32))
 
     References:
       Srebro & Shraibman, "Rank, trace-norm and max-norm", COLT 2005.
@@ -151,10 +176,10 @@ def max_norm(max_value: Any, *, axis: Axis = None, where: Where = None) -> optax
       overfitting", JMLR 2014.
     """
     check_scalar(max_value, "max_value", "max_norm", positive=True)
-    return _unit_band_transform("max_norm", None, max_value, None, axis, where)
+    return _unit_band_transform("max_norm", None, max_value, None, axis, where, views)
 
 
-def unit_norm(*, axis: Axis = None, where: Where = None) -> optax.GradientTransformation:
+def unit_norm(*, axis: Axis = None, where: Where = None, views: PyTree | None = None) -> optax.GradientTransformation:
     r"""Keeps every non-zero unit at L2 norm exactly 1 (:math:`w' = w / \lVert w\rVert_2`).
 
     Zero units stay zero. Same contract and state as :func:`max_norm`;
@@ -168,7 +193,7 @@ def unit_norm(*, axis: Axis = None, where: Where = None) -> optax.GradientTransf
     Array([[0.6],
            [0.8]], dtype=float32)
     """
-    return _unit_band_transform("unit_norm", 1.0, 1.0, None, axis, where)
+    return _unit_band_transform("unit_norm", 1.0, 1.0, None, axis, where, views)
 
 
 def min_max_norm(
@@ -178,6 +203,7 @@ def min_max_norm(
     rate: Any = 1.0,
     axis: Axis = None,
     where: Where = None,
+    views: PyTree | None = None,
 ) -> optax.GradientTransformation:
     r"""Moves every unit's norm toward ``[min_value, max_value]`` after each step (Keras's ``MinMaxNorm``).
 
@@ -198,26 +224,10 @@ def min_max_norm(
     array([[0.45],
            [0.6 ]])
     """
-    _check_min_max(min_value, max_value, rate, "min_max_norm")
-    return _unit_band_transform("min_max_norm", min_value, max_value, rate, axis, where)
+    check_min_max(min_value, max_value, rate, "min_max_norm")
+    return _unit_band_transform("min_max_norm", min_value, max_value, rate, axis, where, views)
 
 
-class SpectralNormState(NamedTuple):
-    """State of :func:`spectral_norm`, keyed by the path of every selected leaf.
-
-    Attributes:
-      u: the power-iteration right vectors, shape ``batch_shape + col_shape`` for a matrix
-        view and ``batch_shape + input_shape + (in,)`` for a convolution, float32 (float64
-        for float64 leaves); empty for ``estimator="gram"`` and ``"svd"``.
-      sigma: the sigma estimate of ``params + updates`` before the last projection, one per
-        batch index (shape ``batch_shape``), float32: what to log. Zeros after ``init``.
-    """
-
-    u: dict[str, jax.Array]
-    sigma: dict[str, jax.Array]
-
-
-SPECTRAL_ESTIMATORS = ("power", "gram", "svd")
 DEFAULT_NUM_ITERS = {"power": 1, "gram": 8, "svd": 1}
 INIT_POWER_ITERS = 30
 
@@ -228,15 +238,16 @@ def spectral_norm(
     estimator: str = "power",
     num_iters: int | None = None,
     mode: str = "rescale",
-    dims: Dims = None,
+    dims: Any = None,
     where: Where = None,
+    views: PyTree | None = None,
     seed: int = 0,
 ) -> optax.GradientTransformation:
     r"""Keeps the largest singular value of every selected matrix at most ``max_value``.
 
     Put it last in ``optax.chain``: ``update`` returns :math:`u'` with
     :math:`\text{params} + u' = P(\text{params} + u)`, where for each matrix :math:`W` of the
-    ``dims`` view (one per batch index) and :math:`\hat\sigma` the estimate below,
+    leaf's view (one per batch index) and :math:`\hat\sigma` the estimate below,
 
     - ``mode="rescale"``: :math:`P(W) = W \min(1, c / \hat\sigma)`;
     - ``mode="normalize"``: :math:`P(W) = W c / \hat\sigma` (spectral normalization,
@@ -252,20 +263,24 @@ def spectral_norm(
       upper bound: after every step :math:`\sigma_{\max} \le c` holds for sure.
     - ``"svd"``: exact.
 
-    Convolutions: ``dims`` may map a leaf to a :class:`ConvSpec` (the input shape, strides,
-    padding, dilation and groups of the layer, as ``flax.linen.Conv`` takes them), usually
-    through path rules ``{regex: spec}``. Such a leaf is bounded by the operator norm of
-    :math:`x \mapsto \mathrm{conv}(x, K)`, not by the sigma of the reshaped kernel (which can
-    be 30-40% below it): ``"power"`` iterates through the convolution and its transpose with
-    the input-shaped vector kept in the state, ``"gram"`` is the certified Fourier bound of
-    :func:`conv_sigma_gram`, ``"svd"`` is exact (:func:`conv_sigma_fft` for circular padding,
-    the materialised operator otherwise), and ``mode="clip"`` is the Fourier clip of
-    :func:`conv_clip` (circular padding only).
+    Views: with ``views=infer_views(apply_fn, params, x)`` every leaf is bounded as the model
+    uses it: a Flax or Equinox convolution by the operator norm of
+    :math:`x \mapsto \mathrm{conv}(x, K)` at its input size (not the sigma of the reshaped
+    kernel, which can be 30-40% below it), an attention projection ``(d, heads, head_dim)``
+    as one ``d x (heads * head_dim)`` matrix, a scan-stacked ``(L, in, out)`` kernel with one
+    sigma per layer; biases and scales are never touched. Without views, ``dims`` is the
+    manual override: ``None`` (rows = all axes but the last), a :class:`MatrixDims`, a
+    :class:`ConvSpec`, a mapping ``{regex: view}`` (regexes match whole path components;
+    each must match a leaf; a leaf matched by two raises; unmatched leaves get the default) or
+    a callable ``(path, leaf) -> view``. For a convolution ``"power"`` iterates through the
+    convolution and its transpose with the input-shaped vector kept in the state, ``"gram"``
+    is the certified bound of :func:`conv_sigma_gram`, ``"svd"`` is exact, and
+    ``mode="clip"`` is the Fourier clip of :func:`conv_clip` (circular padding only).
 
-    The state, :class:`SpectralNormState`, keeps the power vectors and, for logging, the
-    estimate of every selected leaf and batch index before the projection. ``max_value`` may
-    be injected with ``optax.inject_hyperparams``. Matrices left alone keep their update bit
-    for bit; unselected leaves (biases, by default) are untouched.
+    The state, :class:`SpectralNormState`, is shaped like the params: the power vectors and,
+    for logging, the estimate of every selected leaf and batch index before and after the
+    projection. ``max_value`` may be injected with ``optax.inject_hyperparams``. Matrices
+    left alone keep their update bit for bit; unselected leaves are untouched.
 
     Args:
       max_value: the bound :math:`c > 0`.
@@ -273,11 +288,9 @@ def spectral_norm(
       num_iters: iterations of the estimator per step; ``None`` picks 1 for power and 8 for
         gram (ignored by svd).
       mode: ``"rescale"``, ``"normalize"`` or ``"clip"``.
-      dims: the view of each leaf: ``None`` (rows = all axes but the last), a
-        :class:`MatrixDims`, a :class:`ConvSpec`, a mapping ``{regex: view}`` searched in the
-        leaf's path (first match wins, no match means ``None``), or a callable
-        ``(path, leaf) -> view``.
+      dims: the manual view of each leaf (see above); not with ``views``.
       where: which leaves, as in :func:`max_norm`.
+      views: a pytree shaped like params from :func:`infer_views`.
       seed: seeds the initial power vectors (each leaf folds in its index).
 
     >>> import jax.numpy as jnp, optax, normjax as nj
@@ -288,8 +301,8 @@ def spectral_norm(
     >>> optax.apply_updates(params, updates)["w"]
     Array([[1.  , 0.  ],
            [0.  , 0.25]], dtype=float32)
-    >>> state[1].sigma["w"]
-    Array(2., dtype=float32)
+    >>> state[1].sigma["w"], state[1].sigma_after["w"]
+    (Array(2., dtype=float32), Array(1., dtype=float32))
 
     A convolution bounded by its operator norm on 8x8 inputs (certified by Gram iteration):
 
@@ -309,52 +322,56 @@ def spectral_norm(
     """
     name = "spectral_norm"
     check_scalar(max_value, "max_value", name, positive=True)
-    check_mode(mode, name)
-    if estimator not in SPECTRAL_ESTIMATORS:
-        raise ValueError(f"{name}: unknown estimator {estimator!r}; expected one of {SPECTRAL_ESTIMATORS}")
+    choice(mode, SPECTRAL_MODES, "mode", name)
+    choice(estimator, SPECTRAL_ESTIMATORS, "estimator", name)
     if mode == "clip" and estimator != "svd":
         raise ValueError(
             f"{name}: mode='clip' clamps every singular value and needs the full SVD; "
             f"use estimator='svd' (or mode='rescale' with estimator={estimator!r})"
         )
-    iters = DEFAULT_NUM_ITERS[estimator] if num_iters is None else num_iters
-    if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 1:
-        raise ValueError(f"{name}: num_iters must be an int >= 1, got {num_iters!r}")
-    iters = int(iters)
+    iters = positive_int(DEFAULT_NUM_ITERS[estimator] if num_iters is None else num_iters, "num_iters", name)
 
-    def resolve(path: str, leaf: Any):
-        spec = resolve_spec(dims, path, leaf, name)
-        check_conv(spec, path, name, estimator=estimator, mode=mode)
-        return spec
+    def leaves_of(params):
+        treedef, leaves = leaf_views(params, name, where=where, views=views, dims=dims, purpose="spectral")
+        for path, _, view in leaves:
+            if view is not None:
+                view.check(path, name, estimator, mode)
+        return treedef, leaves
 
     def init_fn(params: PyTree) -> SpectralNormState:
-        _, leaves = _selected(params, where, name, resolve)
+        treedef, leaves = leaves_of(params)
         key = jax.random.key(seed)
-        u, sigma = {}, {}
-        for i, (leaf, d) in enumerate(leaves):
-            if d is None:
+        u, sigma = [], []
+        for i, (_, v, view) in enumerate(leaves):
+            if view is None:
+                u.append(EMPTY)
+                sigma.append(EMPTY)
                 continue
-            batch = tuple(np.shape(leaf.value)[a] for a in d.batch)
-            sigma[leaf.path] = jnp.zeros(batch, jnp.float32)
-            if estimator == "power":
-                # Start from a converged vector, as torch's spectral_norm does (15 iterations),
-                # so the first steps do not under-estimate sigma by tens of percent.
-                u[leaf.path] = leaf_init_vector(jax.random.fold_in(key, i), leaf.value, d, INIT_POWER_ITERS)
-        return SpectralNormState(u, sigma)
+            sigma.append(jnp.zeros(tuple(jnp.shape(v)[a] for a in view.batch), jnp.float32))
+            # Start from a converged vector, as torch's spectral_norm does (15 iterations),
+            # so the first steps do not under-estimate sigma by tens of percent.
+            u.append(view.init_vector(jax.random.fold_in(key, i), jnp.asarray(v), INIT_POWER_ITERS) if estimator == "power" else EMPTY)
+        return SpectralNormState(treedef.unflatten(u), treedef.unflatten(sigma), treedef.unflatten(sigma))
 
     def update_fn(updates: PyTree, state: SpectralNormState, params: PyTree | None = None):
-        def update_leaf(path: str, p: jax.Array, u: jax.Array, d):
-            w = p + u.astype(p.dtype)
-            if mode == "clip":  # exact projection: the SVD needs w itself
-                w_new, sigma = leaf_clip(w, max_value, d)
-                moved = broadcast_batch(sigma > jnp.asarray(max_value, sigma.dtype), w.shape, d)
-                return jnp.where(moved, (w_new - p).astype(u.dtype), u), (None, sigma.astype(jnp.float32))
-            sigma, new_u = leaf_sigma(w, d, estimator, iters, state.u.get(path))
-            scale, _ = spectral_scale(sigma, max_value, mode)
-            return scaled_update(p, u, broadcast_batch(scale, w.shape, d)), (new_u, sigma.astype(jnp.float32))
+        treedef = jax.tree.structure(params) if params is not None else None
+        old = tuple(_flat_state(treedef, f) for f in state) if treedef is not None else ((),) * 3
+        c = max_value
 
-        updates, aux = _project_updates(updates, params, where, name, resolve, update_leaf)
-        new_u = {path: a[0].astype(state.u[path].dtype) for path, a in aux.items() if a[0] is not None}
-        return updates, SpectralNormState(new_u, {path: a[1] for path, a in aux.items()})
+        def update_leaf(i, path, p, u, view):
+            w = p + u.astype(p.dtype)
+            f32 = jnp.float32
+            if mode == "clip":  # exact projection: the SVD needs w itself
+                w_new, sigma = view.clip(w, c)
+                moved = view.broadcast(sigma > jnp.asarray(c, sigma.dtype), w.shape)
+                after = jnp.minimum(sigma, jnp.asarray(c, sigma.dtype))
+                return jnp.where(moved, (w_new - p).astype(u.dtype), u), (EMPTY, sigma.astype(f32), after.astype(f32))
+            sigma, new_u = view.sigma(w, estimator, iters, old[0][i] if estimator == "power" else None)
+            scale, _ = spectral_scale(sigma, c, mode)
+            new_u = EMPTY if new_u is None else new_u.astype(old[0][i].dtype)
+            return scaled_update(p, u, view.broadcast(scale, w.shape)), (new_u, sigma.astype(f32), (sigma * scale).astype(f32))
+
+        updates, fields = _update_leaves(name, updates, params, leaves_of, update_leaf, old)
+        return updates, SpectralNormState(*fields)
 
     return optax.GradientTransformation(init_fn, update_fn)

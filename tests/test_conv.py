@@ -22,6 +22,7 @@ How exact each method is, and so the tolerances:
 """
 
 import contextlib
+import dataclasses
 import functools
 import math
 
@@ -146,11 +147,11 @@ def gram_target(kernel, spec):
     if spec.padding == "CIRCULAR":
         if all(n % s == 0 for n, s in zip(spec.input_shape, strides)):
             return ref_norm(kernel, spec)
-        return ref_norm(kernel, spec._replace(strides=1))
+        return ref_norm(kernel, dataclasses.replace(spec, strides=1))
     grown = tuple(
         s * -(-(n + lo + hi) // s) for n, (lo, hi), s in zip(spec.input_shape, _pads(spec, np.shape(kernel)), strides)
     )
-    return ref_norm(kernel, spec._replace(input_shape=grown, padding="CIRCULAR"))
+    return ref_norm(kernel, dataclasses.replace(spec, input_shape=grown, padding="CIRCULAR"))
 
 
 def _kernel(shape, seed, scale=1.0):
@@ -168,6 +169,7 @@ def _call(spec, method, kernel, **kw):
         padding=spec.padding,
         kernel_dilation=spec.kernel_dilation,
         feature_group_count=spec.feature_group_count,
+        batch_dims=spec.batch_dims,
         method=method,
         **kw,
     )
@@ -222,8 +224,8 @@ CASES = {
     "2d_circular_s2_not_dividing": ((3, 3, 2, 2), S((5, 6), strides=2, padding="CIRCULAR")),
     "3d_same": ((3, 3, 3, 1, 2), S((4, 4, 4))),
     "3d_circular_s2": ((3, 3, 3, 1, 2), S((4, 4, 4), strides=2, padding="CIRCULAR")),
-    "stacked_2d_same": ((3, 3, 3, 2, 4), S((5, 5))),  # a leading batch axis: 3 convolutions
-    "stacked_2d_circular_s2": ((2, 3, 3, 3, 1, 2), S((4, 4), strides=2, padding="CIRCULAR")),  # (2, 3) batch
+    "stacked_2d_same": ((3, 3, 3, 2, 4), S((5, 5), batch_dims=1)),  # a leading batch axis: 3 convolutions
+    "stacked_2d_circular_s2": ((2, 3, 3, 3, 1, 2), S((4, 4), strides=2, padding="CIRCULAR", batch_dims=2)),  # (2, 3) batch
 }
 # power iteration compiles the convolution and its transpose: a subset covering every code path
 POWER_CASES = [
@@ -519,7 +521,7 @@ def test_conv_clip_lands_inside_and_beats_rescaling():
     np.testing.assert_allclose(np.asarray(k_new, np.float64), _np_fourier_clip_full_support(k3, c), atol=2e-6)
     # inside: bit for bit, one batch index moved and one not
     stack = np.stack([k3 * (0.5 * c / ref_norm(k3, spec)), k3]).astype(np.float32)
-    out, sig = _clip(jnp.asarray(stack), c, spec)
+    out, sig = _clip(jnp.asarray(stack), c, dataclasses.replace(spec, batch_dims=1))
     assert sig.shape == (2,)
     np.testing.assert_array_equal(np.asarray(out[0]), stack[0])
     assert not np.array_equal(np.asarray(out[1]), stack[1])
@@ -583,14 +585,14 @@ def test_transform_bounds_the_convolutions(estimator):
     state = quick_jit(tx.init)(params)  # power: 30 iterations from random vectors
     sn = state[1]
     assert isinstance(sn, nj.SpectralNormState)
-    assert set(sn.sigma) == set(KERNELS)
-    assert all(v.shape == () and v.dtype == jnp.float32 for v in sn.sigma.values())
+    assert set(nj.by_path(sn.sigma)) == set(KERNELS)
+    assert all(v.shape == () and v.dtype == jnp.float32 for v in nj.by_path(sn.sigma).values())
     if estimator == "power":  # conv: input_shape + (in,); dense: (out,)
-        shapes = {p: u.shape for p, u in sn.u.items()}
+        shapes = {p: u.shape for p, u in nj.by_path(sn.u).items()}
         assert shapes == {"conv1/kernel": (6, 6, 2), "conv2/kernel": (6, 6, 4), "dense/kernel": (3,)}
-        assert all(u.dtype == jnp.float32 for u in sn.u.values())
+        assert all(u.dtype == jnp.float32 for u in nj.by_path(sn.u).values())
     else:
-        assert sn.u == {}
+        assert nj.by_path(sn.u) == {}
     chex.clear_trace_counter()
     step = _step_fn(tx)
     p = params
@@ -603,7 +605,7 @@ def test_transform_bounds_the_convolutions(estimator):
         for name in ("conv1", "conv2", "dense"):  # biases are not selected: sgd's update bit for bit
             np.testing.assert_array_equal(np.asarray(updates[name]["bias"]), np.asarray(plain[name]["bias"]))
         after = _refs(new, RULES)
-        logged = {path: float(v) for path, v in new_state[1].sigma.items()}
+        logged = {path: float(v) for path, v in nj.by_path(new_state[1].sigma).items()}
         for path in KERNELS:
             assert before[path] > 1.1 * C  # the step had to project
             if estimator == "svd":  # exact, logged before the projection, lands on the sphere
@@ -633,7 +635,7 @@ def test_transform_fourier_clip_mode():
         assert v <= C * (1 + EXACT), (path, v)
     before = _refs(jax.tree.map(lambda x, g: x - np.float32(0.1) * g, params, grads), CIRC_RULES)
     for path in KERNELS:
-        np.testing.assert_allclose(float(state[1].sigma[path]), before[path], rtol=EXACT)
+        np.testing.assert_allclose(float(nj.by_path(state[1].sigma)[path]), before[path], rtol=EXACT)
     # the conv leaves are the Fourier clip of params + updates, not a rescaling of it
     w = params["conv1"]["kernel"] + plain["conv1"]["kernel"]
     np.testing.assert_allclose(
@@ -655,36 +657,50 @@ def test_transform_dims_callable_and_unmatched_rules():
     # a callable returning ConvSpec (or None for the dense kernel's default view)
     by_fn = lambda path, leaf: {"conv1": RULES[r"^conv1/"], "conv2": RULES[r"^conv2/"]}.get(path.split("/")[0])
     tx = nj.spectral_norm(C, estimator="power", dims=by_fn)
-    shapes = {p: u.shape for p, u in jax.eval_shape(tx.init, params).u.items()}  # traced, not run
+    shapes = {p: u.shape for p, u in nj.by_path(jax.eval_shape(tx.init, params).u).items()}  # traced, not run
     assert shapes == {"conv1/kernel": (6, 6, 2), "conv2/kernel": (6, 6, 4), "dense/kernel": (3,)}
-    norms = quick_jit(lambda p: nj.spectral_norms(p, dims=by_fn))(params)
+    norms = nj.by_path(quick_jit(lambda p: nj.spectral_norms(p, dims=by_fn))(params))
     refs = _refs(params, RULES)
     np.testing.assert_allclose([float(norms[p]) for p in KERNELS], [refs[p] for p in KERNELS], rtol=EXACT)
-    # rules that match no leaf: the default matrix view (rows = all axes but the last)
+    # a rule that matches no leaf is an error naming it (a typo must not leave a conv at the matrix view)
     unmatched = {r"^encoder/": S((6, 6))}
-    tx = nj.spectral_norm(C, estimator="power", dims=unmatched)
-    shapes = {p: u.shape for p, u in jax.eval_shape(tx.init, params).u.items()}
-    assert shapes == {p: (4,) if "conv" in p else (3,) for p in KERNELS}
-    sig = quick_jit(lambda p: nj.spectral_norms(p, dims=unmatched))(params)
-    for path in KERNELS:
-        name = path.split("/")[0]
-        np.testing.assert_allclose(float(sig[path]), matrix_sigma(params[name]["kernel"]), rtol=EXACT)
+    for make in (
+        lambda: nj.spectral_norm(C, estimator="power", dims=unmatched).init(params),
+        lambda: nj.spectral_norms(params, dims=unmatched),
+        lambda: nj.lipschitz_bound(params, dims=unmatched),
+        lambda: nj.project_spectral_norm(params, C, dims=unmatched),
+    ):
+        with pytest.raises(ValueError, match=r"dims key '\^encoder/' matches no leaf"):
+            make()
+
+
+def test_rules_match_whole_path_components_and_never_two():
+    """``Conv_1`` must not pick ``Conv_10``'s kernel (that was a constraint 12% too loose), and a
+    leaf matched by two rules raises naming both."""
+    k = _kernel((3, 3, 2, 2), 3)
+    params = {f"Conv_{i}": {"kernel": jnp.asarray(k * (1 + i / 10))} for i in (1, 10, 11)}
+    rules = {"Conv_1": S((6, 6)), "Conv_10": S((6, 6), strides=2), "Conv_11": S((6, 6), padding="VALID")}
+    got = nj.by_path(nj.spectral_norms(params, estimator="svd", dims=rules))
+    for key, spec in rules.items():
+        np.testing.assert_allclose(float(got[key + "/kernel"]), ref_norm(params[key]["kernel"], spec), rtol=EXACT)
+    with pytest.raises(ValueError, match=r"'Conv_10/kernel' is matched by two dims keys, 'Conv_1.\*' and 'Conv_10'"):
+        nj.spectral_norms(params, dims={"Conv_1.*": S((6, 6)), "Conv_10": S((6, 6))})
 
 
 def test_transform_stacked_conv_kernels_one_norm_each():
     """A (layers, 3, 3, in, out) kernel (convolutions stacked for scan): one norm per layer."""
-    spec = S((5, 5))
+    spec = S((5, 5), batch_dims=1)
     k = _kernel((3, 3, 3, 2, 2), 8) * np.array([0.2, 1.5, 3.0], np.float32)[:, None, None, None, None]
     ref = ref_norm(k, spec)
     assert ref[0] < C < ref[1] < ref[2]
     params = {"blocks": {"kernel": jnp.asarray(k)}}
     rules = {"blocks": spec}
     state = jax.eval_shape(nj.spectral_norm(C, dims=rules).init, params)  # power: shapes only
-    assert state.u["blocks/kernel"].shape == (3, 5, 5, 2) and state.sigma["blocks/kernel"].shape == (3,)
+    assert nj.by_path(state.u)["blocks/kernel"].shape == (3, 5, 5, 2) and nj.by_path(state.sigma)["blocks/kernel"].shape == (3,)
     tx = nj.spectral_norm(C, estimator="svd", dims=rules)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, state = jax.jit(tx.update)(zeros, tx.init(params), params)
-    np.testing.assert_allclose(np.asarray(state.sigma["blocks/kernel"]), ref, rtol=EXACT)
+    np.testing.assert_allclose(np.asarray(nj.by_path(state.sigma)["blocks/kernel"]), ref, rtol=EXACT)
     new = np.asarray(optax.apply_updates(params, updates)["blocks"]["kernel"])
     np.testing.assert_array_equal(new[0], k[0])  # inside: bit for bit
     np.testing.assert_allclose(ref_norm(new, spec), [ref[0], C, C], rtol=EXACT)
@@ -696,7 +712,7 @@ def test_transform_bfloat16_kernels(estimator):
     tx = optax.chain(optax.sgd(0.1), nj.spectral_norm(C, estimator=estimator, dims=RULES))
     state = quick_jit(tx.init)(params)
     if estimator == "power":
-        assert all(u.dtype == jnp.float32 for u in state[1].u.values())
+        assert all(u.dtype == jnp.float32 for u in nj.by_path(state[1].u).values())
     update = quick_jit(tx.update)
     p = params
     for i in range(3):
@@ -742,9 +758,9 @@ def _whole_tree(params, small):
     return {
         "lip_gram": nj.lipschitz_bound(params, dims=RULES),
         "lip_svd": nj.lipschitz_bound(params, estimator="svd", dims=RULES),
-        "lip_matrix_view": nj.lipschitz_bound(params, estimator="svd"),
-        "norms_svd": nj.spectral_norms(params, estimator="svd", dims=RULES),
-        "norms_gram": nj.spectral_norms(params, estimator="gram", dims=RULES),
+        "matrix_view": nj.by_path(nj.spectral_norms(params, estimator="svd")),
+        "norms_svd": nj.by_path(nj.spectral_norms(params, estimator="svd", dims=RULES)),
+        "norms_gram": nj.by_path(nj.spectral_norms(params, estimator="gram", dims=RULES)),
         "rescale": project(params, "rescale"),
         "normalize": project(params, "normalize"),
         "clip_circular": project(params, "clip", CIRC_RULES),
@@ -775,8 +791,11 @@ def test_lipschitz_bound_spectral_norms_and_projection_with_conv_rules():
     jac = quick_jit(jax.vmap(jax.jacrev(lambda x: _forward(params, x[None])[0])))(xs)  # (16, 3, 6, 6, 2)
     lip = np.linalg.norm(np.asarray(jac, np.float64).reshape(16, 3, -1), ord=2, axis=(1, 2))
     assert np.all(lip <= exact) and np.all(lip <= bound)
-    # the matrix view of the conv kernels gives a smaller number: no certificate
-    assert float(out["lip_matrix_view"]) < 0.8 * exact
+    # the matrix view of the conv kernels gives a smaller number: no certificate, so
+    # lipschitz_bound refuses a conv kernel left to the shape default
+    assert float(np.prod([float(v) for v in out["matrix_view"].values()])) < 0.8 * exact
+    with pytest.raises(ValueError, match="'conv1/kernel' of shape .* has no convolution or explicit matrix view"):
+        nj.lipschitz_bound(params, estimator="svd")
     # spectral_norms: exact with svd, an upper bound with gram
     assert set(out["norms_svd"]) == set(out["norms_gram"]) == set(KERNELS)
     for path in KERNELS:
@@ -802,7 +821,8 @@ LEAF = "enc/conv/kernel"
 @pytest.mark.parametrize(
     "kernel_shape, spec, error, match",
     [
-        ((3, 3, 2, 4), S((6, 6, 2)), ValueError, r"2 spatial axes but input_shape \(6, 6, 2\) has 3"),  # channels
+        ((3, 3, 2, 4), S((6, 6, 2)), ValueError, r"has 4 axes, but ConvSpec with input_shape \(6, 6, 2\) \(3 spatial axes\)"),  # channels
+        ((3, 3, 1, 8), S((8,)), ValueError, r"has 4 axes, but ConvSpec with input_shape \(8,\) \(1 spatial axes\)"),  # rank
         ((3, 3, 2, 4), S((6, 0)), ValueError, "input_shape must hold >= 1 positive ints"),
         ((3, 3, 2, 4), S(6), TypeError, "input_shape must be a sequence"),
         ((3, 3, 2, 4), S((6, 6), strides=0), ValueError, "strides must be a positive int"),
@@ -819,6 +839,7 @@ LEAF = "enc/conv/kernel"
     ],
     ids=[
         "channel_axis_in_input_shape",
+        "spatial_rank_differs",
         "zero_input_size",
         "input_shape_not_a_sequence",
         "zero_stride",
@@ -869,7 +890,7 @@ def test_reflect_with_gram_is_refused_at_init_naming_the_leaf():
         nj.lipschitz_bound(params, dims=rules)
     # the estimators that do handle REFLECT are accepted, and power bounds it from below
     nj.spectral_norm(C, estimator="power", dims=rules).init(params)
-    exact = nj.spectral_norms(params, estimator="svd", dims=rules)[LEAF]
+    exact = nj.by_path(nj.spectral_norms(params, estimator="svd", dims=rules))[LEAF]
     assert float(exact) > 0
 
 
@@ -882,7 +903,7 @@ def test_svd_on_a_large_zero_padded_convolution_is_refused_naming_the_leaf():
         nj.project_spectral_norm(params, C, mode="rescale", dims={"conv": S((64, 64))})
     with pytest.raises(ValueError, match=LEAF + ".*materialise"):
         nj.spectral_norms(params, dims={"conv": S((64, 64))})
-    circular = nj.spectral_norms(params, dims={"conv": S((64, 64), padding="CIRCULAR")})[LEAF]
+    circular = nj.by_path(nj.spectral_norms(params, dims={"conv": S((64, 64), padding="CIRCULAR")}))[LEAF]
     np.testing.assert_allclose(float(circular), 72.0, rtol=1e-5)  # all-ones: DC gain 9 * 8
 
 
@@ -1029,10 +1050,10 @@ def test_flax_nnx_optimizer_with_conv_rules(estimator):
     seen = []  # the conv1 sigma the transform saw before each projection
     for _ in range(20):
         train_step(model, opt)
-        seen.append(float(optax.tree_utils.tree_get(opt.opt_state, "sigma")["conv1/kernel"][...]))
-    sigma = optax.tree_utils.tree_get(opt.opt_state, "sigma")
+        seen.append(float(nj.by_path(optax.tree_utils.tree_get(opt.opt_state, "sigma"))["conv1/kernel"][...]))
+    sigma = nj.by_path(optax.tree_utils.tree_get(opt.opt_state, "sigma"))
     assert set(sigma) == {"conv1/kernel", "conv2/kernel", "head/kernel"}
-    u = optax.tree_utils.tree_get(opt.opt_state, "u")
+    u = nj.by_path(optax.tree_utils.tree_get(opt.opt_state, "u"))
     if estimator == "power":  # input-shaped power vectors for the conv leaves, a vector for the dense one
         assert u["conv1/kernel"].shape == (6, 6, 1) and u["conv2/kernel"].shape == (6, 6, 4)
         assert u["head/kernel"].shape == (2,)
@@ -1103,7 +1124,7 @@ def test_torch_layout_in_the_transform_keeps_the_layout():
     # an Equinox-style tree: weight (out, in, kh, kw), bias (out, 1, 1)
     spec = S((6, 6), padding="CIRCULAR", kernel_layout="torch")
     w = _kernel((3, 2, 3, 3), seed=5, scale=2.0)
-    assert ref_norm(jnp.transpose(w, (2, 3, 1, 0)), spec._replace(kernel_layout="flax")) > 2 * C
+    assert ref_norm(jnp.transpose(w, (2, 3, 1, 0)), dataclasses.replace(spec, kernel_layout="flax")) > 2 * C
     params = {"conv": {"weight": w, "bias": jnp.ones((3, 1, 1))}, "inside": {"weight": w * 1e-3}}
     rules = {r"weight$": spec}
     for estimator, mode in [("gram", "rescale"), ("power", "rescale"), ("svd", "clip")]:
@@ -1126,8 +1147,22 @@ def test_torch_layout_in_the_transform_keeps_the_layout():
 
 def test_bad_kernel_layout_names_the_leaf():
     params = {"enc": {"conv": {"kernel": jnp.ones((3, 3, 2, 4))}}}
-    with pytest.raises(ValueError, match=LEAF + ".*kernel_layout"):
-        nj.spectral_norm(C, dims={"conv": S((6, 6), kernel_layout="OIHW")}).init(params)
+    for bad in ("OIHWX", "OOHW", "jax", "HWI"):
+        with pytest.raises(ValueError, match=LEAF + ".*kernel_layout"):
+            nj.spectral_norm(C, dims={"conv": S((6, 6), kernel_layout=bad)}).init(params)
+
+
+@pytest.mark.parametrize("layout", ["HWIO", "OIHW", "IOHW", "HWOI", "WHIO"])
+def test_any_kernel_layout_letters(layout):
+    """A letter layout permutes the kernel's axes; the operator is the flax kernel's (spatial
+    letters in the input's order: ``"WHIO"`` stores the second spatial axis first)."""
+    k = _kernel((3, 2, 2, 4), 11)  # flax (H, W, I, O) with H=3, W=2
+    spec = S((6, 5))
+    src = "HWIO"
+    perm = [src.index(ch) for ch in layout]
+    kl = jnp.asarray(np.transpose(k, perm))
+    got = nj.conv_sigma_svd(kl, dataclasses.replace(spec, kernel_layout=layout))
+    np.testing.assert_allclose(float(got), ref_norm(k, spec), rtol=EXACT)
 
 
 @pytest.mark.parametrize("axis_type", ["auto", "explicit"])

@@ -340,10 +340,10 @@ def test_transform_contract(kind, data):
     np.testing.assert_array_equal(u[keep], updates["k"][keep])
 
     # the logged diagnostics describe params + updates before the projection
-    assert isinstance(state, nj.NormState) and set(state.largest_norm) == {"k"}
-    np.testing.assert_allclose(float(state.largest_norm["k"]), n.max(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(float(state.smallest_norm["k"]), n.min(), rtol=1e-5, atol=1e-6)
-    frac = float(state.clipped_fraction["k"])
+    assert isinstance(state, nj.NormState) and set(nj.by_path(state.largest_norm)) == {"k"}
+    np.testing.assert_allclose(float(nj.by_path(state.largest_norm)["k"]), n.max(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(nj.by_path(state.smallest_norm)["k"]), n.min(), rtol=1e-5, atol=1e-6)
+    frac = float(nj.by_path(state.clipped_fraction)["k"])
     lo = np.mean(outside_mask(kind, n, c, a, b, rate))
     hi = 1 - np.mean(inside_mask(kind, n, c, a, b, rate))
     assert lo - 1e-6 <= frac <= hi + 1e-6, (frac, lo, hi)

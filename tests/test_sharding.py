@@ -243,11 +243,11 @@ def test_transforms_keep_sharding_and_match_one_device(mesh, layout):
         (sgd_state, _), norm_state = state
         _assert_same_sharding(sgd_state.trace, params)  # optimizer state stays sharded too
         assert isinstance(norm_state, nj.NormState)
-        assert set(norm_state.largest_norm) == {"dense/kernel", "conv/kernel", "embed/embedding"}
+        assert set(nj.by_path(norm_state.largest_norm)) == {"dense/kernel", "conv/kernel", "embed/embedding"}
         for leaf in jax.tree.leaves(norm_state):
             assert leaf.shape == () and leaf.dtype == jnp.float32 and leaf.sharding.is_fully_replicated
         # the step saw both sides of the bounds, so the comparison below is not vacuous
-        clipped = float(norm_state.clipped_fraction["dense/kernel"])
+        clipped = float(nj.by_path(norm_state.clipped_fraction)["dense/kernel"])
         assert 0 < clipped <= 1 and (name == "unit_norm" or clipped < 1), (name, clipped)
     # values: params, momentum and every NormState diagnostic equal the one-device run
     chex.assert_trees_all_close(jax.tree.map(np.asarray, out), reference, **TOL)

@@ -145,7 +145,7 @@ def test_inside_bit_for_bit_and_zero_matrix():
         tx = nj.spectral_norm(1.0, estimator=est)
         u, st = tx.update({"w": z}, tx.init({"w": z}), {"w": z})
         np.testing.assert_array_equal(np.asarray(u["w"]), 0.0)
-        assert float(st.sigma["w"]) == 0.0
+        assert float(nj.by_path(st.sigma)["w"]) == 0.0
         assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(st))
     assert bool(jnp.all(jnp.isfinite(jax.grad(lambda x: nj.sigma_gram(x))(z))))
 
@@ -160,7 +160,7 @@ def test_half_precision_dtypes(dtype):
         u, st = tx.update({"w": jnp.zeros_like(w)}, tx.init(params), params)
         out = optax.apply_updates(params, u)["w"]
         assert out.dtype == dtype and u["w"].dtype == dtype
-        np.testing.assert_allclose(float(st[1].sigma["w"]), ref, rtol=2e-2)
+        np.testing.assert_allclose(float(nj.by_path(st[1].sigma)["w"]), ref, rtol=2e-2)
         assert np_sigma(np.asarray(out, np.float64)) <= 1.0 * (1 + 3e-2)
     out = nj.project_spectral_norm({"w": w}, 1.0)["w"]
     assert out.dtype == dtype
@@ -206,9 +206,9 @@ def test_svd_exact_and_power_tracks_bound():
     assert sig.max() > 0.999  # it does constrain: the weights reach the bound
     # the logged sigma is the estimate of the last step's params + updates, before projection
     w_before = np.asarray(p["w"], np.float64)
-    assert 0.99 <= float(state[1].sigma["w"]) <= 1.1
+    assert 0.99 <= float(nj.by_path(state[1].sigma)["w"]) <= 1.1
     # a converged power estimate is a lower bound on the exact value
-    s_conv, _ = nj.sigma_power(jnp.asarray(w_before, jnp.float32), state[1].u["w"], num_iters=200)
+    s_conv, _ = nj.sigma_power(jnp.asarray(w_before, jnp.float32), nj.by_path(state[1].u)["w"], num_iters=200)
     assert float(s_conv) <= np_sigma(w_before) * (1 + 1e-6)
 
 
@@ -220,15 +220,15 @@ def test_state_types_stable_and_diagnostics():
     dims = lambda path, x: nj.MatrixDims(-2, -1) if path.startswith("stack") else None
     tx = nj.spectral_norm(1.0, dims=dims, where="kernel")
     s0 = tx.init(params)
-    assert set(s0.u) == set(s0.sigma) == {"stack/kernel", "out/kernel"}
-    assert s0.sigma["stack/kernel"].shape == (3,) and s0.u["stack/kernel"].shape == (3, 6)
+    assert set(nj.by_path(s0.u)) == set(nj.by_path(s0.sigma)) == {"stack/kernel", "out/kernel"}
+    assert nj.by_path(s0.sigma)["stack/kernel"].shape == (3,) and nj.by_path(s0.u)["stack/kernel"].shape == (3, 6)
     u, s1 = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), s0, params)
     chex.assert_trees_all_equal_shapes_and_dtypes(s0, s1)
     np.testing.assert_array_equal(np.asarray(u["stack"]["bias"]), 0.0)
     for est in ("gram", "svd"):
         tx = nj.spectral_norm(1.0, estimator=est, dims=dims, where="kernel")
         s0 = tx.init(params)
-        assert s0.u == {}
+        assert nj.by_path(s0.u) == {}
         chex.assert_trees_all_equal_shapes_and_dtypes(s0, tx.update(params, s0, params)[1])
 
 
@@ -272,7 +272,7 @@ def test_flax_nnx_optimizer():
         step(model, opt)
     for layer in (model.layers[0], model.layers[2]):
         assert np_sigma(layer.kernel[...]) <= 0.7
-    sigmas = optax.tree_utils.tree_get(opt.opt_state, "sigma")
+    sigmas = nj.by_path(optax.tree_utils.tree_get(opt.opt_state, "sigma"))
     assert set(sigmas) == {"layers/0/kernel", "layers/2/kernel"}
 
 
@@ -315,8 +315,7 @@ def test_bad_arguments(kwargs, match):
     "dims, match",
     [
         (nj.MatrixDims(in_axes=(0, 1), out_axes=1), "overlaps"),
-        (nj.MatrixDims(in_axes=(), out_axes=2), "no row axis"),
-        (nj.MatrixDims(in_axes=0, out_axes=()), "no column axis"),
+        (nj.MatrixDims(in_axes=(), out_axes=2), "no in_axes"),
         (nj.MatrixDims(in_axes=0, out_axes=3), "out of range for leaf 'stack/kernel'"),
     ],
 )
@@ -326,3 +325,13 @@ def test_bad_matrix_dims(dims, match):
         nj.spectral_norm(1.0, dims=dims).init(params)
     with pytest.raises(ValueError, match=match):
         nj.project_spectral_norm(params, 1.0, dims=dims)
+
+
+def test_matrix_dims_without_out_axes_is_one_vector_per_batch_index():
+    """``out_axes=()``: each batch index is one vector (a single output unit): sigma is its norm."""
+    w = jnp.asarray(RNG.normal(size=(2, 3, 4)), jnp.float32)
+    dims = nj.MatrixDims(in_axes=(1, 2), out_axes=())
+    sig = nj.by_path(nj.spectral_norms({"w": w}, dims=dims))["w"]
+    np.testing.assert_allclose(np.asarray(sig), np.linalg.norm(np.asarray(w, np.float64).reshape(2, -1), axis=1), rtol=1e-6)
+    out = nj.project_spectral_norm({"w": w}, 1.0, mode="rescale", dims=dims)["w"]
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(out, np.float64).reshape(2, -1), axis=1), 1.0, rtol=1e-6)

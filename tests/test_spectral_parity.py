@@ -122,7 +122,7 @@ def torch_converged(module, *, n_power_iterations, calls):
 def our_sigmas(w):
     """(exact SVD, converged power iteration, Gram bound, spectral_norms, power vector u)."""
     s_pow, u = nj.sigma_power(w, nj.init_power_vector(jax.random.key(0), w), num_iters=ITERS)
-    return nj.sigma_svd(w), s_pow, nj.sigma_gram(w), nj.spectral_norms({"k": w})["k"], u
+    return nj.sigma_svd(w), s_pow, nj.sigma_gram(w), nj.by_path(nj.spectral_norms({"k": w}))["k"], u
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -203,7 +203,7 @@ def test_torch_power_vectors_match_ours(torch_results, kind):
     left = np.asarray(w, np.float64) @ u
     np.testing.assert_allclose(abs(left @ r["v"]) / np.linalg.norm(left), 1.0, rtol=1e-6)
     _, _, state = our_transform_step(as_params(w), estimator="power", num_iters=ITERS)
-    np.testing.assert_allclose(abs(np.asarray(state.u["layer/kernel"], np.float64) @ r["u"]), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(abs(np.asarray(nj.by_path(state.u)["layer/kernel"], np.float64) @ r["u"]), 1.0, rtol=1e-6)
 
 
 @pytest.mark.parametrize("conv_name", list(CONVERGENCE))
@@ -234,7 +234,7 @@ def test_torch_normalized_weight_matches_transform(torch_results, kind, estimato
     np.testing.assert_allclose(np.asarray(new["layer"]["kernel"]), r["w_sn"], rtol=RTOL, atol=ATOL)
     np.testing.assert_array_equal(np.asarray(new["layer"]["bias"]), np.asarray(r["bias"]))
     # the logged sigma is torch's sigma
-    np.testing.assert_allclose(float(state.sigma["layer/kernel"]), r["sigma_uv"], rtol=RTOL)
+    np.testing.assert_allclose(float(nj.by_path(state.sigma)["layer/kernel"]), r["sigma_uv"], rtol=RTOL)
 
 
 # torch's own layout, no conversion: MatrixDims names torch's out axis as the columns.
@@ -258,9 +258,9 @@ def test_torch_layout_directly_with_matrix_dims(kind):
     np.testing.assert_allclose(np.asarray(out), t["w_sn"], rtol=RTOL, atol=ATOL)
     new, _, state = our_transform_step({"weight": w}, estimator="power", num_iters=ITERS, dims=dims)
     np.testing.assert_allclose(np.asarray(new["weight"]), t["w_sn"], rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(float(state.sigma["weight"]), t["sigma_uv"], rtol=RTOL)
-    assert state.u["weight"].shape == t["u"].shape
-    np.testing.assert_allclose(abs(np.asarray(state.u["weight"], np.float64) @ t["u"]), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(float(nj.by_path(state.sigma)["weight"]), t["sigma_uv"], rtol=RTOL)
+    assert nj.by_path(state.u)["weight"].shape == t["u"].shape
+    np.testing.assert_allclose(abs(np.asarray(nj.by_path(state.u)["weight"], np.float64) @ t["u"]), 1.0, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------
@@ -324,11 +324,11 @@ def test_flax_nnx_spectral_norm_many_steps(nnx, name):
 
     new, _, state = our_transform_step(as_params(w), estimator="power", num_iters=ITERS)
     np.testing.assert_allclose(np.asarray(new["layer"]["kernel"]), np.asarray(kernel_flax), rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(float(state.sigma["layer/kernel"]), sigma_flax, rtol=RTOL)
+    np.testing.assert_allclose(float(nj.by_path(state.sigma)["layer/kernel"]), sigma_flax, rtol=RTOL)
     # Flax's u (1, out) is our right vector, up to sign
     u_flax = np.asarray(sn.batch_stats[("kernel", "u")][...], np.float64).ravel()
     np.testing.assert_allclose(abs(np.asarray(u, np.float64) @ u_flax), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(abs(np.asarray(state.u["layer/kernel"], np.float64) @ u_flax), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(abs(np.asarray(nj.by_path(state.u)["layer/kernel"], np.float64) @ u_flax), 1.0, rtol=1e-6)
 
 
 def test_flax_nnx_spectral_norm_repeated_calls(nnx):
@@ -435,4 +435,4 @@ def test_documented_difference_zero_matrix(nnx):
     for estimator, num_iters in [("power", ITERS), ("gram", 8), ("svd", None)]:
         new, _, state = our_transform_step(params, estimator=estimator, num_iters=num_iters)
         np.testing.assert_array_equal(np.asarray(new["layer"]["kernel"]), 0.0)
-        assert float(state.sigma["layer/kernel"]) == 0.0
+        assert float(nj.by_path(state.sigma)["layer/kernel"]) == 0.0
