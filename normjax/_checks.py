@@ -86,3 +86,40 @@ def check_min_max(min_value: Any, max_value: Any, rate: Any, name: str) -> None:
 
 SPECTRAL_MODES = ("rescale", "normalize", "clip")
 SPECTRAL_ESTIMATORS = ("power", "gram", "svd")
+
+
+def runtime_valid(min_value: Any = None, max_value: Any = None, rate: Any = None) -> Any:
+    """Whether bounds known only at run time (under ``jit``, from ``optax.inject_hyperparams`` or
+    a schedule) describe a non-empty set: ``True`` (a Python bool) when every bound is concrete,
+    since those were validated at construction; else a traced bool.
+
+    The rule for traced bounds: ``max_value >= 0`` (``0`` is the set ``{0}`` and ``+inf`` no
+    constraint), ``0 <= min_value <= max_value``, ``0 <= rate <= 1``. A NaN bound, a negative
+    one or ``min_value > max_value`` has no projection: the constrained leaves then become NaN
+    (as does every logged norm), so the failure shows at once instead of a silent sign flip or
+    a step that does nothing. Concrete bounds are stricter (``max_value > 0`` and finite) and
+    raise at construction, where a zero or infinite bound is a mistake rather than the end
+    of a schedule.
+    """
+    bounds = [b for b in (min_value, max_value, rate) if b is not None]
+    if all(is_concrete(b) for b in bounds):
+        return True
+    import jax.numpy as jnp
+
+    ok = jnp.asarray(True)
+    if max_value is not None:
+        ok &= jnp.asarray(max_value) >= 0
+    if min_value is not None:
+        ok &= (jnp.asarray(min_value) >= 0) & (jnp.asarray(min_value) <= jnp.asarray(max_value))
+    if rate is not None:
+        ok &= (jnp.asarray(rate) >= 0) & (jnp.asarray(rate) <= 1)
+    return ok
+
+
+def poison(x: Any, ok: Any) -> Any:
+    """``x`` where ``ok``, NaN elsewhere (``x`` itself when ``ok`` is the Python ``True``)."""
+    if ok is True:
+        return x
+    import jax.numpy as jnp
+
+    return jnp.where(ok, x, jnp.asarray(jnp.nan, x.dtype))

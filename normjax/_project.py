@@ -8,15 +8,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from normjax._checks import SPECTRAL_MODES, check_min_max, check_scalar, choice, positive_int
-from normjax._norms import apply_scale, band_project, spectral_scale
+from normjax._checks import SPECTRAL_MODES, check_min_max, check_scalar, choice, poison, positive_int, runtime_valid
+from normjax._norms import apply_scale, band_scale, spectral_scale, unit_norms
 from normjax._select import Axis, PyTree, Where
 from normjax._views import View, leaf_views
 
 
-def _map_units(params: PyTree, name: str, fn, *, where: Where, axis: Axis, views: PyTree | None) -> PyTree:
+def _map_units(
+    params: PyTree, name: str, bounds: tuple[Any, Any, Any], *, where: Where, axis: Axis, views: PyTree | None
+) -> PyTree:
+    """Every selected leaf's units moved into the band ``bounds = (min_value, max_value, rate)``."""
     treedef, leaves = leaf_views(params, name, where=where, views=views, axis=axis)
-    return treedef.unflatten([v if view is None else fn(jnp.asarray(v), view.unit_axes) for _, v, view in leaves])
+    ok = runtime_valid(*bounds)
+
+    def one(w, view):
+        w = jnp.asarray(w)
+        scale, _ = band_scale(unit_norms(w, view.unit_axes), *bounds)
+        return apply_scale(w, poison(scale, ok))
+
+    return treedef.unflatten([v if view is None else one(v, view) for _, v, view in leaves])
 
 
 def project_max_norm(
@@ -71,9 +81,7 @@ def project_max_norm(
     """
     name = "project_max_norm"
     check_scalar(max_value, "max_value", name, positive=True)
-    return _map_units(
-        params, name, lambda w, ax: band_project(w, ax, None, max_value)[0], where=where, axis=axis, views=views
-    )
+    return _map_units(params, name, (None, max_value, None), where=where, axis=axis, views=views)
 
 
 def project_unit_norm(
@@ -91,7 +99,7 @@ def project_unit_norm(
            [0.8, 0. ]], dtype=float32)
     """
     name = "project_unit_norm"
-    return _map_units(params, name, lambda w, ax: band_project(w, ax, 1.0, 1.0)[0], where=where, axis=axis, views=views)
+    return _map_units(params, name, (1.0, 1.0, None), where=where, axis=axis, views=views)
 
 
 def project_min_max_norm(
@@ -127,9 +135,7 @@ def project_min_max_norm(
     """
     name = "project_min_max_norm"
     check_min_max(min_value, max_value, rate, name)
-    return _map_units(
-        params, name, lambda w, ax: band_project(w, ax, min_value, max_value, rate)[0], where=where, axis=axis, views=views
-    )
+    return _map_units(params, name, (min_value, max_value, rate), where=where, axis=axis, views=views)
 
 
 def project_spectral_leaf(w: jax.Array, max_value: Any, mode: str, view: View, sigma: jax.Array | None = None):
@@ -138,13 +144,14 @@ def project_spectral_leaf(w: jax.Array, max_value: Any, mode: str, view: View, s
     Returns ``(w_new, scale_or_none, sigma)``: the projected leaf and, for the rescaling modes,
     the per-matrix factor (``None`` for ``"clip"``).
     """
+    ok = runtime_valid(max_value=max_value)
     if mode == "clip":
         w_new, sigma = view.clip(w, max_value)
-        return w_new, None, sigma
+        return poison(w_new, ok), None, sigma
     if sigma is None:
         sigma = view.sigma(w, "svd", 1)[0]
     scale, _ = spectral_scale(sigma, max_value, mode)
-    return apply_scale(w, view.broadcast(scale, w.shape)), scale, sigma
+    return apply_scale(w, view.broadcast(poison(scale, ok), w.shape)), scale, sigma
 
 
 def project_spectral_norm(

@@ -15,7 +15,9 @@ from normjax._checks import (
     check_min_max,
     check_scalar,
     choice,
+    poison,
     positive_int,
+    runtime_valid,
 )
 from normjax._norms import band_scale, scaled_update, spectral_scale, unit_norms
 from normjax._select import Axis, PyTree, Where
@@ -120,6 +122,7 @@ def _unit_band_transform(
         # from p and u with the per-unit factor (exactly 1 for units left alone).
         n = unit_norms(p + u.astype(p.dtype), view.unit_axes)
         scale, moved = band_scale(n, min_value, max_value, rate)
+        scale = poison(scale, runtime_valid(min_value, max_value, rate))
         f32 = jnp.float32
         if n.size == 0:
             stats = (jnp.zeros((), f32),) * 4
@@ -361,13 +364,17 @@ def spectral_norm(
         def update_leaf(i, path, p, u, view):
             w = p + u.astype(p.dtype)
             f32 = jnp.float32
+            ok = runtime_valid(max_value=c)
             if mode == "clip":  # exact projection: the SVD needs w itself
                 w_new, sigma = view.clip(w, c)
+                w_new = poison(w_new, ok)
                 moved = view.broadcast(sigma > jnp.asarray(c, sigma.dtype), w.shape)
                 after = jnp.minimum(sigma, jnp.asarray(c, sigma.dtype))
-                return jnp.where(moved, (w_new - p).astype(u.dtype), u), (EMPTY, sigma.astype(f32), after.astype(f32))
+                moved = moved | jnp.logical_not(ok)
+                return jnp.where(moved, (w_new - p).astype(u.dtype), u), (EMPTY, sigma.astype(f32), poison(after, ok).astype(f32))
             sigma, new_u = view.sigma(w, estimator, iters, old[0][i] if estimator == "power" else None)
             scale, _ = spectral_scale(sigma, c, mode)
+            scale = poison(scale, ok)
             new_u = EMPTY if new_u is None else new_u.astype(old[0][i].dtype)
             return scaled_update(p, u, view.broadcast(scale, w.shape)), (new_u, sigma.astype(f32), (sigma * scale).astype(f32))
 
