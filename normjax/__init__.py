@@ -16,6 +16,7 @@ from normjax._conv import (
     conv_spectral_norm,
     init_conv_power_vector,
 )
+from normjax._infer import infer_views
 from normjax._norms import (
     band_project,
     clip_singular_values,
@@ -63,6 +64,7 @@ __all__ = [
     "conv_sigma_power",
     "conv_sigma_svd",
     "conv_spectral_norm",
+    "infer_views",
     "init_conv_power_vector",
     "init_power_vector",
     "lipschitz_bound",

@@ -201,6 +201,34 @@ def _rule_values(rules: Any, paths: list[str], values: list[Any], name: str, lab
     return [rules] * len(paths)
 
 
+_VIEW_TYPES = (MatrixDims, ConvSpec, Embedding, NotMatrix)
+
+
+def _key_path(path: tuple) -> tuple:
+    """A key path without the trailing ``.value`` of a Flax NNX ``Variable`` (wrapped or not)."""
+    if len(path) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        return path[:-1]
+    return path
+
+
+def _views_for(views: PyTree, param_paths: list[tuple], name: str) -> list[Any]:
+    """The view of every params leaf, matched by key path, so the same views work whether the
+    params reach the transform wrapped in Flax NNX ``Variable``\ s (``nnx.Optimizer``'s
+    ``init``) or pure (its ``update``)."""
+    flat = jax.tree_util.tree_flatten_with_path(views, is_leaf=lambda x: x is None or isinstance(x, _VIEW_TYPES))[0]
+    table = {_key_path(p): v for p, v in flat}
+    out = []
+    for p in param_paths:
+        key = _key_path(p)
+        if key not in table:
+            raise ValueError(
+                f"{name}: views= must be shaped like params (as infer_views returns it): it has no view for "
+                f"leaf {path_str(p)!r}"
+            )
+        out.append(table[key])
+    return out
+
+
 def leaf_views(
     params: PyTree,
     name: str,
@@ -233,12 +261,7 @@ def leaf_views(
         )
     selected = [True] * len(paths) if where is None else where_selected(where, params, paths, values, name)
     if views is not None:
-        try:
-            specs = treedef.flatten_up_to(views)
-        except (ValueError, TypeError) as e:
-            raise ValueError(
-                f"{name}: views= must be shaped like params (as infer_views returns it): {e}"
-            ) from None
+        specs = _views_for(views, [p for p, _ in flat], name)
     elif purpose == "units":
         specs = None
     else:
