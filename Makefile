@@ -21,6 +21,8 @@ demo: $(VENV)/.test-deps
 	$(PY) examples/maxnorm_digits.py
 	$(PY) examples/spectral_digits.py
 	$(PY) examples/conv_digits.py
+	$(PY) examples/equinox_cnn.py
+	$(PY) examples/nnx_attention.py
 
 test: $(VENV)/.test-deps
 	$(PY) -m pytest -q

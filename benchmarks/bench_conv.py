@@ -14,7 +14,7 @@ biases (a ResNet conv is followed by batch norm).
        per timed call as take ~20 ms (``--inner`` fixes it; per-step time = call time / steps):
        ``optax.adam`` alone; ``+ nj.spectral_norm(c, estimator="power", num_iters=1)`` with
        ``dims=None`` (the matrix view: the kernel reshaped to ``(9C, C)``); the same with
-       ``dims={"conv": nj.ConvSpec((n, n))}`` (the operator norm of ``x -> conv(x, K)``: one
+       ``dims={r"^conv\d+/kernel$": nj.ConvSpec((n, n))}`` (the operator norm of ``x -> conv(x, K)``: one
        convolution and one transposed convolution per kernel and step);
      - model steps for context: forward + backward of the stage (``relu`` between the
        convolutions, loss ``mean(out**2)``) on a batch of ``--batch`` images (default 32),
@@ -329,11 +329,12 @@ def run_step_section(args) -> dict:
         after = {}
         spec = nj.ConvSpec((n, n))
         power = jax.jit(lambda w, u: nj.conv_sigma_power(w, u, spec, num_iters=args.ref_iters)[0])
-        u_conv = runners[kk[OPT_CONV]].state[1].u["conv0/kernel"]
+        # the transform's state is shaped like the params: state[1].u["conv0"]["kernel"]
+        u_conv = runners[kk[OPT_CONV]].state[1].u["conv0"]["kernel"]
         for v in (OPT_MAT, OPT_CONV):
             w = runners[kk[v]].params["conv0"]["kernel"]
             after[v] = {"operator": float(power(w, u_conv)), "matrix": float(nj.sigma_svd(w)),
-                        "state_sigma": float(np.max(np.asarray(runners[kk[v]].state[1].sigma["conv0/kernel"])))}
+                        "state_sigma": float(np.max(np.asarray(runners[kk[v]].state[1].sigma["conv0"]["kernel"])))}
         comp = {v: runners[k].compile_s for v, k in kk.items()}
         temp = {v: runners[k].temp_bytes for v, k in kk.items()}
         inner = {v: runners[k].inner for v, k in kk.items()}

@@ -204,9 +204,11 @@ def clipped_summary(state, params) -> str | None:
 
     if not (isinstance(state, tuple) and len(state) > 1 and hasattr(state[1], "clipped_fraction")):
         return None
-    frac = state[1].clipped_fraction
-    from normjax import path_str
     import jax
+
+    from normjax import by_path, path_str
+
+    frac = by_path(state[1].clipped_fraction)  # shaped like params; by_path keys it "a/b/kernel"
 
     units = {path_str(p): int(x.shape[-1]) for p, x in jax.tree_util.tree_leaves_with_path(params) if x.ndim >= 2}
     f = {k: float(np.asarray(v)) for k, v in frac.items()}

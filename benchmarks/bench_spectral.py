@@ -124,8 +124,8 @@ def step_variants(c: float):
         adam = optax.adam(LR)
         sn = nj.spectral_norm(c, estimator="power", num_iters=1)
 
-        def init(params):
-            return adam.init(params), sn.init(params).u
+        def init(params):  # the state's u is shaped like params; by_path keys it "a/b/kernel"
+            return adam.init(params), nj.by_path(sn.init(params).u)
 
         def step(params, state, grads):
             st, us = state
@@ -169,8 +169,10 @@ class StepRunner(M.JaxRunner):
 def sigmas_of(state) -> dict[str, float] | None:
     import numpy as np
 
+    import normjax as nj
+
     if isinstance(state, tuple) and len(state) > 1 and hasattr(state[1], "sigma"):
-        return {k: float(np.asarray(v)) for k, v in state[1].sigma.items()}
+        return {k: float(np.asarray(v)) for k, v in nj.by_path(state[1].sigma).items()}
     return None
 
 
@@ -484,7 +486,7 @@ class JaxModelRunner:
         else:  # adam, then sigma_power rescale of the new params
             adam, c = tx, pure_c
             sn = nj.spectral_norm(c, estimator="power", num_iters=1)
-            self.state = (adam.init(self.params), sn.init(self.params).u)
+            self.state = (adam.init(self.params), nj.by_path(sn.init(self.params).u))
 
             def step(params, state, x):
                 st, us = state

@@ -21,15 +21,22 @@ is trained twice with the same seed, data order, Adam and steps, each with
 Delattre et al. 2023: a certified upper bound, so every kernel is inside its ball after every
 step for sure):
 
-- ``(a) operator norm``: ``dims=CONV_RULES``, which maps ``params/Conv_0/kernel`` to
-  ``nj.ConvSpec((8, 8))`` and ``params/Conv_1/kernel`` to ``nj.ConvSpec((8, 8), strides=2)``;
-  each conv kernel is bounded by the operator norm of its convolution as Flax applies it, the
-  dense kernel (no rule matches it) by its own sigma;
-- ``(b) matrix view``: ``dims=None``, the reshaped kernel of Miyato et al.
+- ``(a) operator norm``: ``views=infer_views(MODEL.apply, params, x)``, every leaf's role read
+  from the model's own computation (its jaxpr; nothing runs): ``params/Conv_0/kernel`` is
+  ``ConvSpec((8, 8), strides=(1, 1), padding=((1, 1), (1, 1)))`` and ``params/Conv_1/kernel``
+  ``ConvSpec((8, 8), strides=(2, 2), padding=((0, 1), (0, 1)))``, both ``kernel_layout="HWIO"``
+  (the script asserts these are the ``nj.ConvSpec((8, 8))`` and ``nj.ConvSpec((8, 8),
+  strides=2)`` with SAME padding it used to write by hand, ``HAND_WRITTEN``); each conv kernel
+  is bounded by the operator norm of its convolution as Flax applies it, the dense kernel
+  (``MatrixDims((0,), (1,))``) by its own sigma, and the biases (``NotMatrix("bias")``) are
+  never touched;
+- ``(b) matrix view``: no views, ``dims=None``, the reshaped kernel of Miyato et al.
 
 For each model it prints the *claimed* Lipschitz bound, the product of the per-layer sigmas in
-the view it was trained with (``nj.lipschitz_bound(params, dims=view)``), and the *certified*
-bound with true operator norms for both, ``nj.lipschitz_bound(params, dims=CONV_RULES,
+the view it was trained with (for (a) ``nj.lipschitz_bound(params, views=views)``; for (b) the
+product of the three kernels' ``nj.spectral_norms(params, estimator="gram")``, since
+``nj.lipschitz_bound`` refuses to call a conv kernel's reshaped matrix a certificate), and the
+*certified* bound with true operator norms for both, ``nj.lipschitz_bound(params, views=views,
 estimator="gram")`` (conv operator norms times the dense sigma; ReLU and flatten are
 1-Lipschitz, biases do not matter). For (a) the two coincide (1); for (b) the claim is 1 and the
 certificate several times that. The empirical side: the largest spectral norm of the
@@ -93,8 +100,9 @@ compilation), or add ``--quick`` (or set ``NORMJAX_QUICK=1``) for a smoke run of
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -107,19 +115,22 @@ from tqdm import tqdm
 
 import normjax as nj
 
+from normjax import infer_views
+
 # The data, batches and command line, shared with the other digits examples (examples/_digits.py).
 from _digits import batches, load_images, parse_args, standard_promotion
 
 IMAGE = (8, 8)
 CHANNELS = (16, 32)
 CLASSES = 10
-# Path rules for the operator-norm view: Linen names the layers Conv_0, Conv_1, Dense_0, so the
-# kernels are "params/Conv_0/kernel", ... (nj.spectral_norms keys; the script checks they match).
-# Conv_1 sees Conv_0's output, 8x8 too (SAME, stride 1). Dense_0 matches no rule: matrix view.
-CONV_RULES = {
-    r"Conv_0": nj.ConvSpec(IMAGE, strides=1, padding="SAME"),
-    r"Conv_1": nj.ConvSpec(IMAGE, strides=2, padding="SAME"),
+# What this script used to pass as dims= rules for (a), written by hand: Linen names the layers
+# Conv_0, Conv_1, Dense_0; Conv_1 sees Conv_0's output, 8x8 too (SAME, stride 1). Run (a) now
+# takes its views from infer_views (model_views below), which must find exactly these.
+HAND_WRITTEN = {
+    "params/Conv_0/kernel": nj.ConvSpec(IMAGE, strides=1, padding="SAME"),
+    "params/Conv_1/kernel": nj.ConvSpec(IMAGE, strides=2, padding="SAME"),
 }
+KERNELS = ["params/Conv_0/kernel", "params/Conv_1/kernel", "params/Dense_0/kernel"]
 BATCH = 128
 STEPS = 300  # about 28 epochs of the 1,347 training images
 QUICK_STEPS = 100  # (b) search max, seeds 0-3: 1.43-1.66 at 100 steps, 1.55-1.75 at 300; seed 0 at 30: 0.93
@@ -160,21 +171,59 @@ MODEL = CNN()
 SMOOTH_MODEL = CNN(activation=lambda z: jax.nn.softplus(SOFTPLUS_BETA * z) / SOFTPLUS_BETA)
 
 
+def spelled_out(spec: nj.ConvSpec, kernel_size: tuple[int, ...]) -> nj.ConvSpec:
+    """A hand-written ConvSpec (Flax layout, SAME padding, int strides) with every field explicit,
+    the way infer_views writes it: tuples per spatial axis, the pads SAME gives, layout letters."""
+    per_axis = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * len(spec.input_shape)  # noqa: E731
+    strides = per_axis(spec.strides)
+    pads = jax.lax.padtype_to_pads(spec.input_shape, kernel_size, strides, spec.padding)
+    return dataclasses.replace(
+        spec,
+        input_shape=tuple(spec.input_shape),
+        strides=strides,
+        padding=tuple(tuple(p) for p in pads),
+        kernel_dilation=per_axis(spec.kernel_dilation),
+        input_dilation=per_axis(spec.input_dilation),
+        kernel_layout="HWIO" if spec.kernel_layout == "flax" else spec.kernel_layout,
+    )
+
+
+@functools.cache
+def model_views():
+    """Every leaf's view, read by ``infer_views`` from the CNN applied to one 8x8x1 image.
+
+    Only shapes matter (nothing runs), so the params and the image are ``jax.ShapeDtypeStruct`` values.
+    Checks that the two conv kernels get exactly the ConvSpecs this script used to write by
+    hand, the dense kernel a ``(in, out)`` matrix and every bias ``NotMatrix``.
+    """
+    x = jax.ShapeDtypeStruct((1, *IMAGE, 1), jnp.float32)
+    params = jax.eval_shape(MODEL.init, jax.random.key(SEED), x)
+    views = infer_views(MODEL.apply, params, x)
+    found, shapes = nj.by_path(views), {k: v.shape for k, v in nj.by_path(params).items()}
+    for path, spec in HAND_WRITTEN.items():
+        expected = spelled_out(spec, shapes[path][:2])
+        assert found[path] == expected, f"{path}: infer_views found {found[path]}, by hand {expected}"
+    assert found["params/Dense_0/kernel"] == nj.MatrixDims((0,), (1,)), found
+    assert all(found[p] == nj.NotMatrix("bias") for p in found if p.endswith("/bias")), found
+    return views
+
+
 def loss_fn(params, x: jax.Array, y: jax.Array) -> jax.Array:
     """Lipschitz-margin cross-entropy: ``CE(T * (f(x) + sqrt(2) eps_train * (1 - onehot(y))))``."""
     margin = SQRT2 * EPS_TRAIN * (1.0 - jax.nn.one_hot(y, CLASSES, dtype=jnp.float32))
     return optax.softmax_cross_entropy_with_integer_labels(TEMPERATURE * (MODEL.apply(params, x) + margin), y).mean()
 
 
-def make_runs() -> dict[str, tuple[optax.GradientTransformation, dict | None]]:
-    """``name -> (optimizer, the dims view its constraint uses)``: the same Adam and bound, two views."""
+def make_runs() -> dict[str, tuple[optax.GradientTransformation, object | None]]:
+    """``name -> (optimizer, the views its constraint uses)``: the same Adam and bound, two views."""
     adam = standard_promotion(optax.adam(LEARNING_RATE))
+    views = model_views()
     # nj.spectral_norm goes last: it rescales params + updates back into the ball, each conv
     # kernel by its operator norm (a) or its reshaped-matrix sigma (b), certified by Gram.
     return {
         "(a) operator norm": (
-            optax.chain(adam, nj.spectral_norm(SPECTRAL_BOUND, estimator="gram", dims=CONV_RULES)),
-            CONV_RULES,
+            optax.chain(adam, nj.spectral_norm(SPECTRAL_BOUND, estimator="gram", views=views)),
+            views,
         ),
         "(b) matrix view": (optax.chain(adam, nj.spectral_norm(SPECTRAL_BOUND, estimator="gram")), None),
     }
@@ -226,17 +275,23 @@ def bounds(params) -> dict:
     """Lipschitz bounds (products over the 3 kernels) and every kernel's sigma, in both views.
 
     ``matrix``: every kernel as a matrix (rows = all axes but the last), which is what ``dims=None``
-    bounds; ``operator``: conv kernels as the convolutions ``CONV_RULES`` describes. ``gram`` is
+    bounds; ``operator``: conv kernels as the convolutions ``infer_views`` found. ``gram`` is
     a certified upper bound, ``svd`` exact (for the convolutions: the SVD of the materialised
-    operator, 64 x 1024 and 1024 x 512 here).
+    operator, 64 x 1024 and 1024 x 512 here). Per-kernel values are keyed by path (``nj.by_path``).
+
+    ``L_matrix`` is what the matrix view claims: the product of the kernels' reshaped-matrix Gram
+    bounds. ``nj.lipschitz_bound`` will not compute it (a conv kernel read as its reshaped matrix
+    is no certificate), so it is the product of ``nj.spectral_norms`` over the kernels.
     """
+    views = model_views()
+    matrix_gram = nj.by_path(nj.spectral_norms(params, estimator="gram"))
     return {
-        "L_matrix": nj.lipschitz_bound(params, estimator="gram"),
-        "L_operator": nj.lipschitz_bound(params, dims=CONV_RULES, estimator="gram"),
-        "L_operator_svd": nj.lipschitz_bound(params, dims=CONV_RULES, estimator="svd"),
-        "matrix": nj.spectral_norms(params, estimator="svd"),
-        "operator": nj.spectral_norms(params, estimator="svd", dims=CONV_RULES),
-        "operator_gram": nj.spectral_norms(params, estimator="gram", dims=CONV_RULES),
+        "L_matrix": jnp.prod(jnp.stack(list(matrix_gram.values()))),
+        "L_operator": nj.lipschitz_bound(params, views=views, estimator="gram"),
+        "L_operator_svd": nj.lipschitz_bound(params, views=views, estimator="svd"),
+        "matrix": nj.by_path(nj.spectral_norms(params, estimator="svd")),
+        "operator": nj.by_path(nj.spectral_norms(params, estimator="svd", views=views)),
+        "operator_gram": nj.by_path(nj.spectral_norms(params, estimator="gram", views=views)),
     }
 
 
@@ -250,8 +305,9 @@ def layer_stretch(params) -> dict[str, jax.Array]:
     layer as the model runs it: a lower bound on its operator norm that needs no normjax.
     """
     out = {}
-    for i, (name, spec) in enumerate(zip(("Conv_0", "Conv_1"), CONV_RULES.values())):
-        kernel = params["params"][name]["kernel"]
+    views = model_views()["params"]
+    for i, name in enumerate(("Conv_0", "Conv_1")):
+        kernel, spec = params["params"][name]["kernel"], views[name]["kernel"]
         u0 = nj.init_conv_power_vector(jax.random.key(i), kernel, spec)
         _, u = nj.conv_sigma_power(kernel, u0, spec, num_iters=LAYER_POWER_ITERS)
         conv = nn.Conv(kernel.shape[-1], kernel.shape[:2], strides=spec.strides, padding=spec.padding, use_bias=False)
@@ -274,7 +330,7 @@ def make_step(tx: optax.GradientTransformation):
     return step
 
 
-def train(name: str, tx: optax.GradientTransformation, view: dict | None, data, steps: int) -> dict:
+def train(name: str, tx: optax.GradientTransformation, view: object | None, data, steps: int) -> dict:
     """Trains a fresh CNN (same seed and data order every run) and measures what the tables need."""
     (x_train, y_train), (x_test, y_test) = data
     params = init_params(jax.random.key(SEED), x_train[:1])
@@ -293,10 +349,8 @@ def train(name: str, tx: optax.GradientTransformation, view: dict | None, data, 
     claimed = float(norms["L_matrix"] if view is None else norms["L_operator"])  # the view trained with
     certified = float(norms["L_operator"])
     exact = float(norms["L_operator_svd"])
-    kernels = [k for k in norms["matrix"] if k.endswith("/kernel")]
-    assert kernels == ["params/Conv_0/kernel", "params/Conv_1/kernel", "params/Dense_0/kernel"], kernels
-    # CONV_RULES reaches exactly the two conv kernels (a rule matching nothing would go unnoticed).
-    assert [k for k in kernels if any(re.search(r, k) for r in CONV_RULES)] == kernels[:2], kernels
+    kernels = list(norms["matrix"])  # the default selection: every kernel, never a bias
+    assert kernels == KERNELS and list(norms["operator"]) == KERNELS, (kernels, list(norms["operator"]))
 
     # Empirical lower bounds: Jacobian norms on the test set, then at the searched points.
     logits, jac = jax.device_get(logits_and_jacobians(params, x_test))
@@ -321,7 +375,7 @@ def train(name: str, tx: optax.GradientTransformation, view: dict | None, data, 
     is_y = np.arange(CLASSES)[None, :] == y_test[:, None]
     margin = logits[is_y] - np.max(np.where(is_y, -np.inf, logits), axis=1)  # < 0 when misclassified
     return {
-        "view": "ConvSpec rules" if view is not None else "reshaped kernel",
+        "view": "inferred ConvSpec" if view is not None else "reshaped kernel",
         "test_acc": float(np.mean(np.argmax(logits, axis=1) == y_test)),
         "claimed": claimed,
         "certified": certified,
@@ -399,11 +453,13 @@ def markdown(rows: list[tuple[str, ...]]) -> str:
 
 
 LEGEND = f"""\
-constraint view  how nj.spectral_norm(1.0, estimator="gram") saw the conv kernels: ConvSpec rules
-                 (operator norm of x -> conv(x, K) on 8x8 inputs) or the reshaped kernel (dims=None)
-claimed L        the product of per-layer Gram bounds in that view: nj.lipschitz_bound(params, dims=view)
+constraint view  how nj.spectral_norm(1.0, estimator="gram") saw the conv kernels: the ConvSpec
+                 infer_views read from the model (operator norm of x -> conv(x, K) on 8x8 inputs)
+                 or the reshaped kernel (no views, dims=None)
+claimed L        the product of per-layer Gram bounds in that view: nj.lipschitz_bound(params,
+                 views=views) for (a), the product of nj.spectral_norms(params, estimator="gram") for (b)
 certified L      the product with true conv operator norms, both models:
-                 nj.lipschitz_bound(params, dims=CONV_RULES, estimator="gram"), a certified upper bound
+                 nj.lipschitz_bound(params, views=views, estimator="gram"), a certified upper bound
 exact L          the same product with exact operator norms (SVD of the materialised convolutions)
 max |J| test     the largest spectral norm of the input-to-logits Jacobian over the 450 test images
 max |J| search   the same at the points a {SEARCH_ITERS}-step projected ascent in [0, 1]^64 reached from the
@@ -460,19 +516,25 @@ def verdicts(results: dict[str, dict]) -> list[str]:
     return lines
 
 
+def describe(view: object) -> str:
+    """A view in one short line: a ConvSpec's input shape, strides and pads, else its repr."""
+    if isinstance(view, nj.ConvSpec):
+        return (f"ConvSpec({view.input_shape}, strides={view.strides}, padding={view.padding}, "
+                f"{view.kernel_layout!r})")
+    return repr(view)
+
+
 def print_views(x: np.ndarray) -> None:
-    """Every kernel's Linen path (as normjax names it) and the view each run gives it."""
+    """Every leaf's Linen path (as normjax names it), its inferred view, and what each run does with it."""
     params = init_params(jax.random.key(SEED), x[:1])
-    print("Kernels (Linen paths) and how each run's constraint sees them:")
-    for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        path = "/".join(str(k.key) for k in key_path)
-        if not path.endswith("/kernel"):
-            continue
-        rule = next((spec for pattern, spec in CONV_RULES.items() if re.search(pattern, path)), None)
-        view_a = "matrix (no rule matches)" if rule is None else (
-            f"ConvSpec({tuple(rule.input_shape)}, strides={rule.strides}, padding={rule.padding!r})")
-        rows = math.prod(leaf.shape[:-1])
-        print(f"  {path:<22} {leaf.shape!s:<15} (a) {view_a:<46} (b) matrix {rows} x {leaf.shape[-1]}")
+    views = nj.by_path(model_views())
+    print("Leaves (Linen paths), the view infer_views read from the model, and what each run's constraint does:")
+    for path, leaf in nj.by_path(params).items():
+        view_a = describe(views[path])
+        view_b = (f"matrix {math.prod(leaf.shape[:-1])} x {leaf.shape[-1]}" if path.endswith("/kernel")
+                  else "untouched (default skips biases)")
+        print(f"  {path:<22} {leaf.shape!s:<15} (a) {view_a:<72} (b) {view_b}")
+    print("  (the two ConvSpecs equal the ones this script used to write by hand: HAND_WRITTEN, spelled out)")
     print()
 
 

@@ -90,10 +90,11 @@ def train_step(model: MLP, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array)
     projection, as logged in the transform's state (an empty dict for the other runs)."""
     loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
     optimizer.update(model, grads)
-    # The chain's state holds an nj.NormState; tree_get finds its field by name. Inside an
-    # nnx.Optimizer its arrays are wrapped in nnx variables: [...] unwraps them.
+    # The chain's state holds an nj.NormState; tree_get finds its field by name. Each field is
+    # shaped like the params (an empty placeholder for the biases); nj.by_path turns it into
+    # {"layers/0/kernel": value} and unwraps the nnx variables an nnx.Optimizer keeps it in.
     proposed = optax.tree_utils.tree_get(optimizer.opt_state, "largest_norm", default={})
-    return loss, largest_unit_norms(model), {path: v[...] for path, v in proposed.items()}
+    return loss, largest_unit_norms(model), nj.by_path(proposed)
 
 
 @nnx.jit
@@ -145,7 +146,7 @@ def train(name: str, tx: optax.GradientTransformation, data, steps: int) -> dict
 
     batch_losses, norms, proposed = jax.device_get(list(zip(*history)))
     bad = np.flatnonzero(~np.isfinite(batch_losses))
-    clipped = optax.tree_utils.tree_get(optimizer.opt_state, "clipped_fraction", default={})
+    clipped = nj.by_path(optax.tree_utils.tree_get(optimizer.opt_state, "clipped_fraction", default={}))
     return {
         "test_acc": float(test_acc),
         "nan_step": int(bad[0]) + 1 if bad.size else None,
@@ -153,7 +154,7 @@ def train(name: str, tx: optax.GradientTransformation, data, steps: int) -> dict
         "train_loss": np.array(train_losses),
         "norms": {path: np.array([n[path] for n in norms]) for path in norms[0]},
         "proposed": {path: np.array([n[path] for n in proposed]) for path in proposed[0]},
-        "clipped": {path: float(v[...]) for path, v in clipped.items()},
+        "clipped": {path: float(v) for path, v in clipped.items()},
     }
 
 

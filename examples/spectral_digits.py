@@ -112,10 +112,11 @@ def train_step(model: MLP, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array)
     empty dict for the unconstrained run)."""
     loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
     optimizer.update(model, grads)
-    # The chain's state holds an nj.SpectralNormState; tree_get finds its field by name. Inside
-    # an nnx.Optimizer its arrays are wrapped in nnx variables: [...] unwraps them.
+    # The chain's state holds an nj.SpectralNormState; tree_get finds its field by name. Each
+    # field is shaped like the params (an empty placeholder for the biases); nj.by_path turns it
+    # into {"layers/0/kernel": value} and unwraps the nnx variables an nnx.Optimizer keeps it in.
     sigma = optax.tree_utils.tree_get(optimizer.opt_state, "sigma", default={})
-    return loss, {path: v[...] for path, v in sigma.items()}
+    return loss, nj.by_path(sigma)
 
 
 @nnx.jit
@@ -190,8 +191,9 @@ def train(name: str, tx: optax.GradientTransformation, data, steps: int) -> dict
         "grad_norm": grad_norm,
         "radius": np.maximum(margin, 0.0) / (SQRT2 * bound),  # certified L2 radius (0: wrong)
         "logged": {path: np.array([s[path] for s in logged]) for path in logged[0]},
-        "final_sigma": {k: float(v) for k, v in cert["sigma"].items()},
-        "final_sigma_svd": {k: float(v) for k, v in cert["sigma_svd"].items()},
+        # nj.spectral_norms returns a tree shaped like params (None for biases); by_path keys it.
+        "final_sigma": {k: float(v) for k, v in nj.by_path(cert["sigma"]).items()},
+        "final_sigma_svd": {k: float(v) for k, v in nj.by_path(cert["sigma_svd"]).items()},
     }
 
 

@@ -134,7 +134,7 @@ def _check_conv_digits(stdout: str, tmp_path: Path) -> None:
     rows = {row["run"]: row for row in _table(stdout, "run ")}
     assert list(rows) == names and len(names) == 2, f"runs {list(rows)}, expected {names}:\n{stdout}"
     op, mat = (rows[n] for n in names)
-    assert op["constraint view"] == "ConvSpec rules" and mat["constraint view"] == "reshaped kernel", rows
+    assert op["constraint view"] == "inferred ConvSpec" and mat["constraint view"] == "reshaped kernel", rows
     f = lambda row, col: float(row[col].rstrip("%"))  # noqa: E731
     n_layers = 3
     for row in rows.values():
@@ -165,21 +165,115 @@ def _check_conv_digits(stdout: str, tmp_path: Path) -> None:
             assert op_norm > 1.1 * example.SPECTRAL_BOUND, k
 
 
+def _check_equinox_cnn(stdout: str, tmp_path: Path) -> None:
+    example = _import_example("equinox_cnn.py")
+    out = tmp_path / "equinox_cnn.md"
+    assert out.is_file() and out.read_text().startswith("# equinox_cnn"), f"no markdown at {out}"
+    f = lambda row, col: float(row[col].rstrip("%"))  # noqa: E731
+    bound = example.SPECTRAL_BOUND
+
+    # The views infer_views read from the Equinox model: (out, in, kh, kw) convs, (out, in) head.
+    views = {row["leaf"]: row for row in _table(stdout, "leaf ")}
+    assert set(views) == {f"{m}/{p}" for m in ("conv1", "conv2", "head") for p in ("weight", "bias")}, views
+    for name in ("conv1/weight", "conv2/weight"):
+        assert views[name]["inferred view"].startswith("ConvSpec((8, 8)") and "'OIHW'" in views[name]["inferred view"]
+        assert views[name]["shape default (no views)"].endswith(" x 3"), views[name]  # the width taps as columns
+    assert views["head/weight"]["inferred view"] == "MatrixDims(in_axes=(1,), out_axes=(0,))", views["head/weight"]
+    for name in ("conv1/bias", "conv2/bias", "head/bias"):
+        assert views[name]["inferred view"] == "NotMatrix(role='bias')", views[name]
+    assert views["conv1/bias"]["shape"] == "(16, 1, 1)" and views["conv2/bias"]["shape"] == "(32, 1, 1)", views
+
+    rows = {row["run"]: row for row in _table(stdout, "run ")}
+    assert list(rows) == ["(a) inferred views", "(b) shape default"], rows
+    a, b = rows.values()
+    for row in rows.values():
+        assert f(row, "certified L") >= f(row, "exact L") * (1 - 1e-5), row  # Gram is certified
+        assert f(row, "exact L") >= f(row, "max |J| test") * (1 - 1e-4), row  # a lower bound stays below
+        assert f(row, "test acc") > 50.0, row
+    assert f(a, "certified L") <= bound**3 * (1 + 1e-5), a  # (a) is 1-Lipschitz for sure
+    assert f(b, "default-view claim") <= bound**3 * (1 + 1e-5), b  # (b) holds its own view at 1 ...
+    assert f(b, "certified L") > 1.2 * f(b, "default-view claim"), b  # ... which certifies nothing
+
+    layers = _table(stdout, "weight ")
+    assert len(layers) == 6, layers
+    for k in layers:
+        assert f(k, "Gram bound") >= f(k, "operator norm") * (1 - 1e-5), k
+        if k["weight"].startswith("(a)"):
+            assert f(k, "Gram bound") <= bound * (1 + 1e-5), k
+        else:
+            assert f(k, "default sigma") <= bound * (1 + 1e-5), k
+    assert any(f(k, "operator norm") > 1.1 * bound for k in layers if k["weight"].startswith("(b)")), layers
+
+    # Biases: no state entry, and an update through the constraint came back bit for bit.
+    for run in rows:
+        line = next(line for line in stdout.splitlines() if line.startswith(f"{run}: biases "))
+        assert line.endswith("no state entry: yes; a +1 update came back bit for bit: yes; "
+                             "every weight's update rescaled: yes"), line
+
+
+def _check_nnx_attention(stdout: str, tmp_path: Path) -> None:
+    example = _import_example("nnx_attention.py")
+    out = tmp_path / "nnx_attention.md"
+    assert out.is_file() and out.read_text().startswith("# nnx_attention"), f"no markdown at {out}"
+    f = lambda row, col: float(row[col].rstrip("%"))  # noqa: E731
+    c = example.MAX_NORM
+    qkv = [f"attn/{n}/kernel" for n in ("query", "key", "value")]
+
+    views = {row["leaf"]: row for row in _table(stdout, "leaf ")}
+    d, h = example.D, example.HEADS
+    for name in qkv:  # (d, heads, head_dim): one matrix d x (heads * head_dim)
+        assert views[name]["shape"] == f"({d}, {h}, {d // h})", views[name]
+        assert views[name]["inferred view"] == "MatrixDims(in_axes=(0,), out_axes=(1, 2))", views[name]
+        assert views[name]["units (views)"] == f"{d} of axes (0,)", views[name]
+        assert views[name]["units (axis=None)"] == f"{d // h} of axes (0, 1)", views[name]
+    assert views["attn/out/kernel"]["inferred view"] == "MatrixDims(in_axes=(0, 1), out_axes=(2,))", views
+    assert views["embed/embedding"]["inferred view"] == "Embedding(row_axes=(0,), batch_axes=())", views
+    assert all(row["inferred view"] == "NotMatrix(role='bias')" for k, row in views.items() if k.endswith("/bias"))
+
+    rows = {row["run"]: row for row in _table(stdout, "run ")}
+    assert list(rows) == ["(a) inferred views", "(b) default axis"], rows
+    a, b = rows.values()
+    assert f(a, "max fan-in norm") <= c * (1 + 1e-5), a  # every unit the model uses is in the ball
+    assert f(b, "max default-slice norm") <= c * (1 + 1e-5), b  # the default bounds its own slices
+    assert all(f(row, "test acc") > 50.0 for row in rows.values()), rows
+
+    params = _table(stdout, "parameter ")
+    assert len(params) == 12, params
+    for p in params:
+        run, name = p["parameter"].split(": ")
+        if name in qkv:  # a fan-in is a piece of a default slice, so never longer than it
+            assert f(p, "max fan-in norm") <= f(p, "max default-slice norm") * (1 + 1e-5), p
+        if run == "(a) inferred views":
+            assert f(p, "max fan-in norm") <= c * (1 + 1e-5), p
+        else:
+            assert f(p, "max default-slice norm") <= c * (1 + 1e-5), p
+        assert 0 <= f(p, "clipped % last step") <= 100, p
+
+
+# Examples that need a package beyond normjax's [examples] extra: skipped (with the reason) if absent.
+NEEDS = {"equinox_cnn.py": "equinox"}
+
 EXTRA_ARGS = {
     "maxnorm_digits.py": lambda tmp_path: ["--out", str(_png(tmp_path))],
     "spectral_digits.py": lambda tmp_path: ["--out", str(_png(tmp_path, "spectral_digits.py"))],
     "conv_digits.py": lambda tmp_path: ["--out", str(tmp_path / "conv_digits.md")],
+    "equinox_cnn.py": lambda tmp_path: ["--out", str(tmp_path / "equinox_cnn.md")],
+    "nnx_attention.py": lambda tmp_path: ["--out", str(tmp_path / "nnx_attention.md")],
 }
 CHECKS = {
     "maxnorm_digits.py": _check_maxnorm_digits,
     "spectral_digits.py": _check_spectral_digits,
     "conv_digits.py": _check_conv_digits,
+    "equinox_cnn.py": _check_equinox_cnn,
+    "nnx_attention.py": _check_nnx_attention,
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
 def test_example_runs(script: Path, tmp_path: Path) -> None:
+    if (module := NEEDS.get(script.name)) and importlib.util.find_spec(module) is None:
+        pytest.skip(f"{script.name} needs {module}, which is not installed")
     args = [sys.executable, str(script), "--quick", *EXTRA_ARGS.get(script.name, lambda _: [])(tmp_path)]
     proc = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, f"{script.name} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
@@ -189,6 +283,6 @@ def test_example_runs(script: Path, tmp_path: Path) -> None:
 
 def test_examples_found() -> None:
     names = {s.name for s in SCRIPTS}
-    assert {"maxnorm_digits.py", "spectral_digits.py", "conv_digits.py"} <= names, names
+    assert {"maxnorm_digits.py", "spectral_digits.py", "conv_digits.py", "equinox_cnn.py", "nnx_attention.py"} <= names
     assert not any(name.startswith("_") for name in names), names  # _digits.py is shared code
-    assert set(CHECKS) <= names and set(EXTRA_ARGS) <= names
+    assert set(CHECKS) <= names and set(EXTRA_ARGS) <= names and set(NEEDS) <= names
