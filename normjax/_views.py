@@ -213,7 +213,7 @@ def _key_path(path: tuple) -> tuple:
 
 def _views_for(views: PyTree, param_paths: list[tuple], name: str) -> list[Any]:
     """The view of every params leaf, matched by key path, so the same views work whether the
-    params reach the transform wrapped in Flax NNX ``Variable``\ s (``nnx.Optimizer``'s
+    params reach the transform wrapped in Flax NNX Variables (``nnx.Optimizer``'s
     ``init``) or pure (its ``update``)."""
     flat = jax.tree_util.tree_flatten_with_path(views, is_leaf=lambda x: x is None or isinstance(x, _VIEW_TYPES))[0]
     table = {_key_path(p): v for p, v in flat}
