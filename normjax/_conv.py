@@ -31,8 +31,12 @@ import numpy as np
 from normjax._norms import (
     HIGHEST,
     acc_dtype,
+    _count_subnormal,
+    _fro_up,
     clip_stack,
+    exponent_of_max,
     gram_stack,
+    ldexp,
     power_loop,
 )
 from normjax._shard import auto_where_explicit, batch_spec, like
@@ -367,6 +371,8 @@ def conv_sigma_power(
     :math:`v = A u / \lVert A u \rVert`, :math:`u' = A^\top v / \lVert A^\top v\rVert`,
     :math:`\hat\sigma = \lVert A^\top v \rVert \le \lVert A \rVert_2` (a lower bound that
     tightens as ``u`` converges; Gouk et al. 2021 use it the same way). A zero kernel gives 0.
+    Each kernel is divided by the power of two of its largest tap first (exact; nothing
+    overflows when squared) and the estimate multiplied back, as :func:`sigma_power` does.
 
     Args:
       kernel: ``(*batch, *kernel_size, in // groups, out)``.
@@ -399,8 +405,13 @@ def conv_sigma_power(
     u = jnp.asarray(u)
 
     def body(kernel, u):
-        apply, apply_t = conv_operator(kernel, c)
-        return power_loop(apply, apply_t, u, len(c.batch), int(num_iters), acc_dtype(kernel.dtype))
+        acc = acc_dtype(kernel.dtype)
+        nb = len(c.batch)
+        e = exponent_of_max(kernel.astype(acc), axes=tuple(range(nb, kernel.ndim)))  # batch_shape
+        scaled = ldexp(kernel.astype(acc), e.reshape(e.shape + (1,) * (kernel.ndim - nb)) * -1)
+        apply, apply_t = conv_operator(scaled, c)
+        sigma, u = power_loop(apply, apply_t, u, nb, int(num_iters), acc)
+        return ldexp(sigma, e), u
 
     return auto_where_explicit(body, (kernel, u), lambda: (batch_spec(kernel, c.batch), like(u)))
 
@@ -469,20 +480,48 @@ def _fourier_matrices(kernel: jax.Array, c: ResolvedConv, layout) -> tuple[jax.A
     return f, spectrum
 
 
-def _stack_over_batch(kernel: jax.Array, c: ResolvedConv, fn) -> jax.Array:
-    """Applies ``fn`` to every kernel of the batch axes; returns ``batch_shape`` results."""
+def _stack_over_batch(kernel: jax.Array, c: ResolvedConv, fn, allowance=None) -> jax.Array:
+    """Applies ``fn`` to every kernel of the batch axes; returns ``batch_shape`` results.
+
+    ``fn`` sees each kernel divided by the power of two of its largest tap (exact: the taps
+    lie in ``[1, 2)``, so nothing overflows in an FFT, a square or a Gram product) and returns
+    a norm of that kernel, multiplied back here by the same power of two (a norm is
+    homogeneous). A zero kernel reaches ``fn`` as it is. ``allowance(kk)``, if given, is
+    added to each result, computed from the kernel as it is (the subnormal taps' share).
+    """
     nb = len(c.batch)
+
+    def scaled(kk):
+        e = exponent_of_max(kk)
+        out = ldexp(fn(ldexp(kk, -e)), e)
+        return out if allowance is None else out + allowance(kk)
 
     def body(kernel):
         flat = kernel.reshape((-1,) + kernel.shape[nb:])
-        out = jax.vmap(fn)(flat) if nb else fn(flat[0])[None]
+        if flat.shape[0] == 0:
+            return jnp.zeros(kernel.shape[:nb], acc_dtype(kernel.dtype))
+        out = jax.vmap(scaled)(flat) if nb else scaled(flat[0])[None]
         return out.reshape(kernel.shape[:nb])
 
     return auto_where_explicit(body, (kernel,), lambda: batch_spec(kernel, c.batch))
 
 
 def _fft_error(layout, dtype) -> float:
-    """Relative error allowance of a float FFT on the grid (a few eps per butterfly level)."""
+    r"""Componentwise error of the float FFT on the grid: :math:`\varepsilon_N` with
+    :math:`|\widehat{fl}(\omega) - \hat y(\omega)| \le \varepsilon_N \sum_x |y(x)|` for every
+    output of an ``N``-point transform.
+
+    A radix-``r`` FFT computes every output along a tree of :math:`\log_r N` butterfly levels;
+    each level adds, to what it passes on, an error of at most :math:`\eta = \mu + \gamma_4
+    (\sqrt 2 + \mu) \le 8 u` (:math:`\mu \le 2u`: the error of a stored twiddle factor)
+    times the magnitudes it combines, and no output combines more than :math:`\sum_x |y(x)|`.
+    So :math:`\varepsilon_N \le (1 + \eta)^{L} - 1 \approx L \eta` with :math:`L \le
+    \log_2 N` levels over all axes; this allows :math:`16 u` (8 eps, twice that) per level
+    plus one, for mixed radices and the real-to-complex split. :func:`conv_sigma_gram`
+    multiplies it by the taps' :math:`\sqrt{K} \lVert K \rVert_F`, a bound on
+    :math:`\lVert \Delta \hat K(\omega) \rVert_F` (Cauchy-Schwarz over the :math:`K` taps of
+    each channel pair).
+    """
     grid = layout[0]
     return 8.0 * float(np.finfo(dtype).eps) * (1 + math.log2(max(2, int(np.prod(grid)))))
 
@@ -541,7 +580,11 @@ def conv_sigma_gram(kernel: jax.Array, spec: ConvSpec | ResolvedConv, *, num_ite
     ``CAUSAL``) on the grid of the padded input, where it never wraps (Delattre et al. 2024).
     Each :math:`\hat K(\omega)` is bounded by Gram iteration (:func:`sigma_gram`, Delattre et
     al. 2023) and the maximum is taken, so the result is never below the true norm; the
-    bound is multiplied by ``1 + margin`` to cover float rounding of the FFT and products.
+    rounding is covered twice over: each Gram bound carries its own certified margin (see
+    :func:`sigma_gram`: products, Frobenius norms, root), and the FFT's error is added as
+    :math:`\varepsilon_N \sqrt{K} \lVert K \rVert_F` (:func:`_fft_error`; :math:`K` taps).
+    Kernels are scaled by the power of two of their largest tap first (exact), so huge and
+    tiny kernels do not overflow; subnormal taps add :math:`\sqrt{K \cdot \#}\,\text{tiny}`.
     For zero padding it is the circular norm of the grown grid, a few percent above the true
     norm on small inputs, tight on large ones; when the operator is small enough that Gram
     iteration on its materialised matrix is cheap (``min(inputs, outputs)**3 * num_iters <=
@@ -574,16 +617,25 @@ def conv_sigma_gram(kernel: jax.Array, spec: ConvSpec | ResolvedConv, *, num_ite
         layout is None or min(n_in, n_out) ** 3 * int(num_iters) <= DENSE_GRAM_BUDGET
     )
 
-    def one(kk):
+    taps = int(np.prod(c.kernel_size))
+    tiny = float(jnp.finfo(k.dtype).tiny)
+
+    def one(kk):  # kk: taps scaled into [1, 2) by _stack_over_batch
         if layout is None:  # an input-dilated convolution: only the materialised operator
             return gram_stack(_dense_matrix(kk, c)[None], int(num_iters))[0]
         f, _ = _fourier_matrices(kk, c, layout)
-        bound = jnp.max(gram_stack(f, int(num_iters), _fft_error(layout, k.dtype)))
+        # sigma(K(w)) <= sigma(K^(w)) + ||K^(w) - K(w)||_F <= bound + eps_N sqrt(taps) ||kk||_F
+        fft = _fft_error(layout, k.dtype) * math.sqrt(taps) * _fro_up(kk.reshape(1, -1, 1))[0]
+        bound = jnp.max(gram_stack(f, int(num_iters))) + fft  # the sum's rounding: in gram_stack's budget
         if dense:  # both are certified: keep the smaller
             bound = jnp.minimum(bound, gram_stack(_dense_matrix(kk, c)[None], int(num_iters))[0])
         return bound
 
-    return _stack_over_batch(k, c, one)
+    def flushed(kk):  # subnormal taps read as 0 in XLA on CPU: they move the operator by at
+        # most sqrt(taps) * ||flushed taps||_F <= sqrt(taps * count) * tiny
+        return jnp.sqrt(_count_subnormal(kk, None).astype(kk.dtype) * taps) * (2 * tiny)
+
+    return _stack_over_batch(k, c, one, flushed)
 
 
 def _fft_exact(c: ResolvedConv) -> bool:
@@ -612,7 +664,7 @@ def conv_sigma_svd(kernel: jax.Array, spec: ConvSpec | ResolvedConv) -> jax.Arra
             f"conv_sigma_svd: the operator is {n_in} x {n_out}, too large to materialise "
             f"(limit {DENSE_LIMIT} entries); use method='gram' (certified bound) or 'power'"
         )
-    k = kernel.astype(acc_dtype(kernel.dtype))
+    k = kernel.astype(acc_dtype(kernel.dtype))  # scaled by a power of two in _stack_over_batch
     return _stack_over_batch(k, c, lambda kk: jnp.linalg.svd(_dense_matrix(kk, c), compute_uv=False)[0])
 
 
@@ -636,7 +688,9 @@ def conv_clip(kernel: jax.Array, max_value: Any, spec: ConvSpec | ResolvedConv) 
     with plain rescaling :math:`K c / \lVert A \rVert`: the closer of the two (in Frobenius
     norm) is returned. It is inside the ball for sure and never farther than rescaling; it
     is much closer when only a few frequencies exceed the bound. Kernels already inside come
-    back bit for bit. Circular padding only.
+    back bit for bit. Circular padding only. Each kernel (and the bound with it) is scaled by
+    the power of two of its largest tap first (exact), so huge and tiny kernels work, and
+    the per-frequency clip is :func:`clip_stack`'s (accurate from any sigma).
 
     Returns ``(kernel_new, sigma)`` with ``sigma`` the exact norm before (``batch_shape``).
 
@@ -664,9 +718,12 @@ def conv_clip(kernel: jax.Array, max_value: Any, spec: ConvSpec | ResolvedConv) 
     m = grid_shape[:nd]
     phases = int(np.prod(grid_shape[nd:]))
 
-    def one(kk):
+    def one(k0):
+        # the kernel scaled by the power of two of its largest tap (exact), the bound with it
+        e = exponent_of_max(k0)
+        kk, cs = ldexp(k0, -e), ldexp(cval, -e)
         f, spectrum = _fourier_matrices(kk, c, layout)
-        y, s = clip_stack(f, cval)
+        y, s = clip_stack(f, cs)
 
         def unstack(z):  # (F * g, phases * in_g, out_g) back to the rfftn layout of the embedding
             z = z.reshape((-1, g, phases, cin_g, cout // g))
@@ -678,11 +735,12 @@ def conv_clip(kernel: jax.Array, max_value: Any, spec: ConvSpec | ResolvedConv) 
         k_new = kk + delta[index] / tap_counts.reshape(tap_counts.shape + (1, 1))
         f_new, _ = _fourier_matrices(k_new, c, layout)
         s_new = jnp.max(jnp.linalg.svd(f_new, compute_uv=False)[:, 0])
-        k_new = k_new * jnp.where(s_new > cval, cval / jnp.where(s_new > cval, s_new, 1), 1)
+        k_new = k_new * jnp.where(s_new > cs, cs / jnp.where(s_new > cs, s_new, 1), 1)
         sigma = jnp.max(s)
-        k_rescaled = kk * (cval / jnp.where(sigma > cval, sigma, 1))
+        k_rescaled = kk * (cs / jnp.where(sigma > cs, sigma, 1))
         closer = jnp.sum((k_new - kk) ** 2) <= jnp.sum((k_rescaled - kk) ** 2)
-        return jnp.where(sigma > cval, jnp.where(closer, k_new, k_rescaled), kk), sigma
+        out = ldexp(jnp.where(closer, k_new, k_rescaled), e)
+        return jnp.where(sigma > cs, out, k0), ldexp(sigma, e)
 
     nb = len(c.batch)
 

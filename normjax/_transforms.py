@@ -19,7 +19,7 @@ from normjax._checks import (
     positive_int,
     runtime_valid,
 )
-from normjax._norms import band_scale, scaled_update, spectral_scale, unit_norms
+from normjax._norms import band_scale, decode_scale, scaled_update, spectral_scale, unit_norms
 from normjax._select import Axis, PyTree, Where
 from normjax._views import View, leaf_views
 
@@ -120,14 +120,15 @@ def _unit_band_transform(
     def update_leaf(i, path, p, u, view):
         # p + u feeds only the norm reduction, where XLA fuses it; the update is rebuilt
         # from p and u with the per-unit factor (exactly 1 for units left alone).
-        n = unit_norms(p + u.astype(p.dtype), view.unit_axes)
-        scale, moved = band_scale(n, min_value, max_value, rate)
+        split = unit_norms(p + u.astype(p.dtype), view.unit_axes, split=True)  # exact past overflow
+        scale, moved = band_scale(split, min_value, max_value, rate)
         scale = poison(scale, runtime_valid(min_value, max_value, rate))
+        n = split.value()
         f32 = jnp.float32
         if n.size == 0:
             stats = (jnp.zeros((), f32),) * 4
         else:
-            after = n * scale
+            after = jnp.where(scale == 0, 0, n * decode_scale(scale))
             stats = (jnp.max(n).astype(f32), jnp.max(after).astype(f32), jnp.min(n).astype(f32), jnp.mean(moved.astype(f32)))
         return scaled_update(p, u, scale), stats
 
@@ -376,7 +377,12 @@ def spectral_norm(
             scale, _ = spectral_scale(sigma, c, mode)
             scale = poison(scale, ok)
             new_u = EMPTY if new_u is None else new_u.astype(old[0][i].dtype)
-            return scaled_update(p, u, view.broadcast(scale, w.shape)), (new_u, sigma.astype(f32), (sigma * scale).astype(f32))
+            after = jnp.where(scale == 0, 0, sigma * decode_scale(scale)).astype(f32)
+            # "gram" certifies sigma: the update then also covers its own rounding (scaled_update's
+            # max_value), so sigma <= c holds after the step for sure, not only up to rounding
+            certified = dict(max_value=c, gain=view.gain) if estimator == "gram" else {}
+            u_new = scaled_update(p, u, view.broadcast(scale, w.shape), **certified)
+            return u_new, (new_u, sigma.astype(f32), after)
 
         updates, fields = _update_leaves(name, updates, params, leaves_of, update_leaf, old)
         return updates, SpectralNormState(*fields)

@@ -97,6 +97,8 @@ class MatrixView:
     def unit_axes(self) -> tuple[int, ...]:
         return self.dims.rows
 
+    gain = 1.0  # ||matrix of E||_2 <= ||E||_F: a rounding error's effect on sigma
+
     def broadcast(self, s: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         return broadcast_batch(s, shape, self.dims)
 
@@ -137,6 +139,12 @@ class ConvView:
 
     def broadcast(self, s: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         return s.reshape(s.shape + (1,) * (len(shape) - s.ndim))
+
+    @property
+    def gain(self) -> float:
+        """``||conv(., E)||_2 <= sqrt(prod(kernel_size)) ||E||_F`` (each input pixel meets every
+        tap at most once per output): the effect of a kernel rounding error on the norm."""
+        return float(np.sqrt(np.prod(self.conv.kernel_size)))
 
     def check(self, path: str, name: str, estimator: str = "", mode: str | None = None) -> None:
         if not estimator and mode is None:

@@ -720,11 +720,13 @@ def test_transform_bfloat16_kernels(estimator):
         p = optax.apply_updates(p, updates)
         assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves((updates, p)))
     # storing the rescaled kernel in bfloat16 (8 significant bits) moves its norm by < 2^-8;
-    # gram sits below C by its looseness on these 6x6 grids, power (a lower bound) at C
+    # gram sits below C by its looseness on these 6x6 grids, power (a lower bound) at C, less
+    # the rounding toward the ball of the update (nj.scaled_update: up to one ulp of the update,
+    # 2^-7 of an entry shrunk 3x, so up to 2^-6 of the norm)
     for path, v in _refs(p, RULES).items():
         assert v <= C * (1 + 2.0**-7), (path, v)
         if estimator == "power":
-            assert v >= C * (1 - 2.0**-7), (path, v)
+            assert v >= C * (1 - 2.0**-6), (path, v)
 
 
 def test_transform_inside_multisteps():
