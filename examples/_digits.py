@@ -111,3 +111,19 @@ def parse_args(
     args = parser.parse_args(argv)
     quick = args.quick or os.environ.get("NORMJAX_QUICK", "") not in ("", "0")
     return args.steps or (quick_steps if quick else steps), args.out
+
+
+def print_rows(rows: list[tuple[str, ...]], left: int = 1) -> None:
+    """An aligned text table, the first ``left`` columns left-justified, then a dashed rule."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        print("  ".join(c.ljust(w) if j < left else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))).rstrip())
+        if i == 0:
+            print("-" * (sum(widths) + 2 * (len(widths) - 1)))
+
+
+def markdown(rows: list[tuple[str, ...]]) -> str:
+    """The same rows as a markdown table (``|`` inside a cell escaped)."""
+    cells = [[c.replace("|", "\\|") for c in row] for row in rows]
+    lines = ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells[1:]])

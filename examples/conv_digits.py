@@ -118,7 +118,7 @@ import normjax as nj
 from normjax import infer_views
 
 # The data, batches and command line, shared with the other digits examples (examples/_digits.py).
-from _digits import batches, load_images, parse_args, standard_promotion
+from _digits import batches, load_images, markdown, parse_args, print_rows, standard_promotion
 
 IMAGE = (8, 8)
 CHANNELS = (16, 32)
@@ -433,23 +433,6 @@ operator norm      largest singular value of x -> conv(x, K) on the layer's 8x8 
 Gram bound         nj.conv_sigma_gram's certified upper bound on it (the factor the certified L multiplies)
 |conv(u)| / |u|    a flax.linen.Conv (no bias) with the layer's kernel applied to u, the input found by
                    {LAYER_POWER_ITERS} iterations of nj.conv_sigma_power: a lower bound on the operator norm"""
-
-
-def print_rows(rows: list[tuple[str, ...]], left: int = 1) -> None:
-    """An aligned text table, the first ``left`` columns left-justified, then a dashed rule."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for i, row in enumerate(rows):
-        print("  ".join(cell.ljust(w) if j < left else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))))
-        if i == 0:
-            print("-" * (sum(widths) + 2 * (len(widths) - 1)))
-
-
-def markdown(rows: list[tuple[str, ...]]) -> str:
-    """The same rows as a markdown table (``|`` inside a cell escaped)."""
-    cells = [[c.replace("|", "\\|") for c in row] for row in rows]
-    lines = ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])]
-    lines += ["| " + " | ".join(row) + " |" for row in cells[1:]]
-    return "\n".join(lines)
 
 
 LEGEND = f"""\

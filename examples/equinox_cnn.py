@@ -75,7 +75,7 @@ import normjax as nj
 from normjax import infer_views
 
 # The data, batches and command line, shared with the digits examples (examples/_digits.py).
-from _digits import batches, load_images, parse_args, standard_promotion
+from _digits import batches, load_images, markdown, parse_args, print_rows, standard_promotion
 
 CHANNELS = (16, 32)
 CLASSES = 10
@@ -202,21 +202,6 @@ def measure(params, state, constraint, apply, views, x_test, y_test) -> dict:
         "state_keys": list(nj.by_path(state.sigma)),
         "passed_through": same,
     }
-
-
-def print_rows(rows: list[tuple[str, ...]], left: int = 1) -> None:
-    """An aligned text table (the first ``left`` columns left-justified), then a dashed rule."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for i, row in enumerate(rows):
-        print("  ".join(c.ljust(w) if j < left else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))).rstrip())
-        if i == 0:
-            print("-" * (sum(widths) + 2 * (len(widths) - 1)))
-
-
-def markdown(rows: list[tuple[str, ...]]) -> str:
-    cells = [[c.replace("|", "\\|") for c in row] for row in rows]
-    lines = ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells[1:]])
 
 
 def checks(results: dict[str, dict], views_by_path: dict, shapes: dict) -> list[str]:

@@ -258,7 +258,7 @@ def _needs_rescale(sq: jax.Array, size: int) -> jax.Array:
     return jnp.isinf(sq) | ((sq < small) & (sq > 0))
 
 
-def unit_norms(w: jax.Array, axes: tuple[int, ...], *, split: bool = False) -> Any:
+def unit_norms(w: jax.Array, axes: tuple[int, ...], *, split: bool = False, zeros_exact: bool = False) -> Any:
     r"""L2 norm of every unit of ``w``: :math:`n = \sqrt{\sum_{i \in \text{axes}} w_i^2}`.
 
     Reduces ``axes`` with ``keepdims=True`` and accumulates in float32 (float64 for
@@ -270,6 +270,10 @@ def unit_norms(w: jax.Array, axes: tuple[int, ...], *, split: bool = False) -> A
     (below ``N * tiny / u``) that squares lost to underflow could matter while its largest entry
     is a normal number, is the leaf summed again with every unit divided by the power of two of
     its largest entry (:func:`ldexp`, exact). An all-zero unit does not trigger that pass.
+
+    ``zeros_exact=True`` (what a lower bound needs: unit and min-max norm) also takes the
+    careful pass when a unit's squares all underflow to 0 while it has non-zero entries, at the
+    price of one more read of the leaf; without it such a unit reads norm 0.
 
     With ``split=True`` returns a :class:`Split` ``(mant, exp)``, norm ``mant * 2**exp``, which
     stays exact where the norm itself overflows the dtype (it is ``inf`` as a plain float).
@@ -293,7 +297,11 @@ def unit_norms(w: jax.Array, axes: tuple[int, ...], *, split: bool = False) -> A
         n = jnp.zeros(sq.shape, acc)
         return Split(n, zero_exp) if split else n
     size = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
-    out_of_range = jnp.any(_needs_rescale(sq, size))  # the hot path reads the leaf once
+    needs = _needs_rescale(sq, size)  # the hot path reads the leaf once
+    if zeros_exact:  # a lower bound (unit/min-max norm) must see a unit whose squares all underflow
+        mbits0 = jnp.max(_abs_bits(x), axis=axes, keepdims=True, initial=0)
+        needs = needs | ((sq == 0) & (mbits0 > 0))
+    out_of_range = jnp.any(needs)
 
     def direct(_):
         return _safe_sqrt(sq), zero_exp
@@ -343,7 +351,7 @@ def band_project(
     Array([[ True, False]], dtype=bool)
     """
     w = jnp.asarray(w)
-    n = unit_norms(w, axes, split=True)
+    n = unit_norms(w, axes, split=True, zeros_exact=min_value is not None)
     scale, moved = band_scale(n, min_value, max_value, rate)
     return apply_scale(w, scale), n.value(), moved
 

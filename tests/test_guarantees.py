@@ -342,11 +342,11 @@ def test_one_zero_unit_takes_no_careful_pass():
     """An all-zero unit (sum of squares exactly 0) is fine as it is; only overflow, or a non-zero
     sum small enough that squares lost to underflow could matter, need the rescaled pass. A unit
     whose every square underflows (1e-30 in float32) reads norm 0 on the hot path: documented."""
-    x = jnp.asarray(np.array([[0.0, 1.0, 1e30, 1e-30, 1e-40, 1e-19], [0.0, 2.0, 1e30, 0.0, 0.0, 0.0]]), F32)
+    x = jnp.asarray(np.array([[0.0, 1.0, 1e30, 1e-30, 1e-40, 1e-17], [0.0, 2.0, 1e30, 0.0, 0.0, 0.0]]), F32)
     sq = jnp.sum(x * x, axis=0)
     np.testing.assert_array_equal(np.asarray(N._needs_rescale(sq, 2)), [False, False, True, False, False, True])
     # the careful pass, when some unit takes it, gives every unit its norm
-    np.testing.assert_allclose(np.asarray(nj.unit_norms(x, (0,)))[0, [2, 3, 5]], [np.sqrt(2) * 1e30, 1e-30, 1e-19], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(nj.unit_norms(x, (0,)))[0, [2, 3, 5]], [np.sqrt(2) * 1e30, 1e-30, 1e-17], rtol=1e-6)
 
 
 def test_spectral_update_from_sigma_1e4():
@@ -360,7 +360,9 @@ def test_spectral_update_from_sigma_1e4():
         out, _ = _step(nj.spectral_norm(1.0, estimator=est), {"k": p}, {"k": jnp.zeros_like(p)})
         got = np_sigma(out["k"])
         assert got <= 1.0, (est, got - 1)
-        assert got >= 1 - 4e-3, (est, got - 1)  # the grid of u' ~ -p: ulp(1e4 / 4) / 0.25
+        # svd: the grid of u' ~ -p, ulp(1e4 / 4) / 0.25; gram (certified through its own
+        # rounding) aims below c by beta ~ 2.01 eps ||t - p||_F / c, 4.4e-3 here
+        assert got >= 1 - (4e-3 if est == "svd" else 1e-2), (est, got - 1)
 
 
 def test_certified_update_stays_inside():
