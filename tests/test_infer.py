@@ -148,12 +148,7 @@ def spec_operator(spec, kernel):
 
 
 def library_norm(kernel, spec):
-    try:
-        return np.asarray(conv_spectral_norm(kernel, **conv_fields(spec), method="svd"))
-    except (TypeError, ValueError) as e:  # the conv functions may lag behind the ConvSpec fields
-        if re.search(r"kernel_layout|input_dilation|batch_dims", str(e)):
-            pytest.xfail(f"ConvSpec layout/input_dilation support pending: {e}")
-        raise
+    return np.asarray(conv_spectral_norm(kernel, **conv_fields(spec), method="svd"))
 
 
 def check_conv(spec, kernel, layers, in_shape):
