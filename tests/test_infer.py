@@ -17,7 +17,6 @@ with NumPy:
 
 import dataclasses
 import math
-import re
 
 import equinox as eqx
 import flax.linen as nn
