@@ -5,6 +5,14 @@ Every constraint exists as a pure, jit-able projection over a parameter pytree
 ``optax.chain(optimizer, ...)``.
 """
 
+from normjax._certify import (
+    Certificate,
+    NotCertifiable,
+    OpBound,
+    certified_accuracy,
+    certified_radius,
+    lipschitz_certificate,
+)
 from normjax._conv import (
     ConvSpec,
     conv_clip,
@@ -48,14 +56,19 @@ from normjax._transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Certificate",
     "ConvSpec",
     "Embedding",
     "MatrixDims",
     "NormState",
+    "NotCertifiable",
     "NotMatrix",
+    "OpBound",
     "SpectralNormState",
     "band_project",
     "by_path",
+    "certified_accuracy",
+    "certified_radius",
     "clip_singular_values",
     "conv_clip",
     "conv_operator",
@@ -68,6 +81,7 @@ __all__ = [
     "init_conv_power_vector",
     "init_power_vector",
     "lipschitz_bound",
+    "lipschitz_certificate",
     "max_norm",
     "min_max_norm",
     "path_str",
