@@ -39,10 +39,17 @@ product of the three kernels' ``nj.spectral_norms(params, estimator="gram")``, s
 *certified* bound with true operator norms for both, ``nj.lipschitz_bound(params, views=views,
 estimator="gram")`` (conv operator norms times the dense sigma; ReLU and flatten are
 1-Lipschitz, biases do not matter). For (a) the two coincide (1); for (b) the claim is 1 and the
-certificate several times that. The empirical side: the largest spectral norm of the
-input-to-logits Jacobian (``jax.jacobian`` per image, vmapped, ``np.linalg.svd`` of the 10 x 64
-matrix) over the test set, then over points found by a short projected gradient ascent in
-[0, 1]^64 started from the 64 test images with the largest norms. A ReLU network is piecewise
+certificate several times that. Next to it, the *graph* certificate
+``nj.lipschitz_certificate(MODEL.apply, params, x_test)``: read from the model's own jaxpr
+(nothing of the model runs), each op's bound composed along the computation (the convolutions'
+and the dense layer's Gram bounds, 12 iterations; ReLU and the reshape 1). For a plain chain
+like this one it is the same product, so the two agree to Gram's tolerance (about 1e-3; the
+script checks 1%); unlike ``nj.lipschitz_bound`` it needs no views, and it would also account
+for residual branches and for activations or pooling that are not 1-Lipschitz. The empirical
+side: the largest spectral norm of the input-to-logits Jacobian (``jax.jacobian`` per image,
+vmapped, ``np.linalg.svd`` of the 10 x 64 matrix) over the test set, then over points found by
+a short projected gradient ascent in [0, 1]^64 started from the 64 test images with the
+largest norms. A ReLU network is piecewise
 linear, so its Jacobian is piecewise constant and has no useful gradient: the ascent follows a
 softplus-smoothed copy of the network (``SOFTPLUS_BETA``), and only the ReLU network's own
 Jacobian at the points it reaches is reported. Every such number is a lower bound on the true
@@ -51,15 +58,17 @@ Lipschitz constant; the script also turns the largest into an explicit pair of i
 ``||f(x') - f(x)|| / ||x' - x||``, which needs no autodiff to believe. Layer by layer, it runs
 each conv kernel as a bias-free ``flax.linen.Conv`` on the input ``u`` that
 ``nj.conv_sigma_power`` finds and reports ``||conv(u)|| / ||u||``. It checks that for (a)
-every such lower bound is at most the certified bound, and that for (b) the network's and each
-conv layer's exceed what the matrix view claims (the demonstration); it exits nonzero if any
-check fails, in ``--quick`` mode too.
+every such lower bound is at most the certified bound, that for (b) the network's and each
+conv layer's exceed what the matrix view claims (the demonstration), and that for both the graph
+certificate is at least every lower bound found and within 1% of ``nj.lipschitz_bound``; it exits
+nonzero if any check fails, in ``--quick`` mode too.
 
 Certified robust accuracy at L2 radii ``EPSILONS`` (pixel units; a test image has norm about 3.9
 and its nearest training image of another class is a median 1.9 away): an image counts if it is
 classified correctly with margin ``f_y - max_{j != y} f_j > sqrt(2) L eps`` (Tsuzuku, Sato &
-Sugiyama 2018, "Lipschitz-margin training", NeurIPS; the same rule as spectral_digits.py). For
-(b) ``L`` is its TRUE certified bound, not the false claim of 1. The loss is the same
+Sugiyama 2018, "Lipschitz-margin training", NeurIPS; the same rule as spectral_digits.py),
+``nj.certified_accuracy(logits, labels, L, EPSILONS)``. For (b) ``L`` is its TRUE certified
+bound (``nj.lipschitz_bound`` with the operator norms), not the false claim of 1. The loss is the same
 Lipschitz-margin cross-entropy as in spectral_digits.py, ``CE(T * (f(x) + sqrt(2) eps_train *
 (1 - onehot(y))))`` with ``T = 50``, ``eps_train = 0.15``, for both models.
 
@@ -76,26 +85,29 @@ to 2e-4) and the measured stretch
 What to expect (one full run, 300 steps, deterministic up to float rounding; the summary table,
 without its "constraint view" and "exact L" columns)::
 
-    run                test acc  claimed L  certified L  max |J| test  max |J| search  cert 0.1  cert 0.25  cert 0.5
-    (a) operator norm     92.2%     1.0000       1.0000        0.6029          0.6023     66.7%      11.8%      0.0%
-    (b) matrix view       97.6%     1.0000       3.0516        1.3173          1.6227     39.8%       0.0%      0.0%
+    run                test acc  claimed L  certified L  graph L  max |J| test  max |J| search  cert 0.1  cert 0.25  cert 0.5
+    (a) operator norm     92.7%     1.0000       1.0000   0.9999        0.6044          0.6045     64.9%      13.8%      0.0%
+    (b) matrix view       97.6%     1.0000       3.0237   3.0206        1.3056          1.6207     40.0%       0.0%      0.0%
 
 (a) is 1-Lipschitz for sure (its exact operator-norm product is 0.95: Conv_0 sits at 0.9998,
-Conv_1 at 0.95, Gram's 5% slack on the 8x8 input of a 1024 x 512 operator, taken every step) and nothing found comes near (Jacobian norms up to 0.60). (b) claims
-1.00, but its conv kernels sit at matrix-view sigma 1.00 with operator norms 2.27 (Conv_0,
-1 -> 16 channels) and 1.30 (Conv_1), a flax ``Conv`` really stretches inputs by those factors,
-and the network itself has Jacobian norm 1.32 at a test image and 1.62 at a point the ascent
-finds in [0, 1]^64 (the explicit pair: 1.62), so it is not 1-Lipschitz; its true certified
-bound is 3.05. (b) is the more accurate (the constraint it actually obeys is looser), but
-certified honestly with that bound it certifies 40% of the test set at radius 0.1 against
-(a)'s 67%, and nothing at 0.25 against 12%. Neither certifies anything at 0.5 (margins of
-``sqrt(2) * 0.5`` are more than a 1-Lipschitz ReLU CNN this small reaches here). The
-``--quick`` run (100 steps) shows the same picture (claim 1.00, Jacobian norm 1.43, certified
-L 2.87 for (b)).
+Conv_1 at 0.95, Gram's 5% slack on the 8x8 input of a 1024 x 512 operator, taken every step)
+and nothing found comes near (Jacobian norms up to 0.60). (b) claims 1.00, but its conv kernels
+sit at matrix-view sigma 1.00 with operator norms 2.25 (Conv_0, 1 -> 16 channels) and 1.29
+(Conv_1), a flax ``Conv`` really stretches inputs by those factors, and the network itself has
+Jacobian norm 1.31 at a test image and 1.62 at a point the ascent finds in [0, 1]^64 (the
+explicit pair: 1.58), so it is not 1-Lipschitz; its true certified bound is 3.02. The graph
+certificate agrees with it to 1e-3 in both runs (its 12 Gram iterations a little tighter than
+the 8 of ``nj.lipschitz_bound``). (b) is the more accurate (the constraint it actually obeys is
+looser), but certified honestly with that bound it certifies 40% of the test set at radius 0.1
+against (a)'s 65%, and nothing at 0.25 against 14%. Neither certifies anything at 0.5 (margins
+of ``sqrt(2) * 0.5`` are more than a 1-Lipschitz ReLU CNN this small reaches here). The
+``--quick`` run (100 steps) shows the same picture (claim 1.00, Jacobian norm 1.41, certified
+L 2.90 and graph certificate 2.89 for (b)).
 
-Run ``python examples/conv_digits.py`` (about 16-20 seconds on a 2-core CPU, most of it
-compilation), or add ``--quick`` (or set ``NORMJAX_QUICK=1``) for a smoke run of 100 steps
-(about 16 seconds, almost all of it the same compilation; the checks still run).
+Run ``python examples/conv_digits.py`` (about 20-25 seconds on a 2-core CPU, most of it
+compilation: the graph certificate's Gram norms alone compile in about 5 seconds, once for both
+models), or add ``--quick`` (or set ``NORMJAX_QUICK=1``) for a smoke run of 100 steps (about 20
+seconds, almost all of it the same compilation; the checks still run).
 """
 
 from __future__ import annotations
@@ -143,6 +155,7 @@ LOG_EVERY = 50  # steps between loss updates on the progress bar
 SEED = 0
 SQRT2 = math.sqrt(2.0)
 RTOL = 1e-5  # float32 rounding allowance in the lower-vs-certified assertions
+GRAPH_RTOL = 0.01  # graph certificate vs nj.lipschitz_bound: the same product for a plain chain (Gram, ~1e-3)
 # The search for inputs with a large Jacobian norm (a lower bound on the Lipschitz constant).
 SEARCH_STARTS = 64  # test images with the largest Jacobian norms, the ascent's starting points
 SEARCH_ITERS = 30
@@ -371,34 +384,34 @@ def train(name: str, tx: optax.GradientTransformation, view: object | None, data
     f = np.asarray(apply_model(params, np.stack([x, x_prime])), np.float64)
     witness = float(np.linalg.norm(f[1] - f[0]) / np.linalg.norm(x_prime.astype(np.float64) - x))
 
-    # Certified robust accuracy with the certified bound (never the claim).
-    is_y = np.arange(CLASSES)[None, :] == y_test[:, None]
-    margin = logits[is_y] - np.max(np.where(is_y, -np.inf, logits), axis=1)  # < 0 when misclassified
+    # The graph certificate: the bound read from the model's jaxpr (MODEL.apply on the test
+    # batch's shape; nothing of the model runs), no views needed. A plain chain: the same product.
+    graph = float(nj.lipschitz_certificate(MODEL.apply, params, x_test))
+
+    # Certified robust accuracy with the certified bound (never the claim): the fraction of test
+    # images classified correctly with margin > sqrt(2) L eps, i.e. certified radius > eps.
+    cert_acc = np.asarray(nj.certified_accuracy(logits, y_test, certified, EPSILONS))
     return {
         "view": "inferred ConvSpec" if view is not None else "reshaped kernel",
         "test_acc": float(np.mean(np.argmax(logits, axis=1) == y_test)),
         "claimed": claimed,
         "certified": certified,
+        "graph": graph,
         "exact": exact,
         "jac_test": float(test_norms.max()),
         "jac_search": float(found_norms.max()),
         "empirical": max(float(test_norms.max()), float(found_norms.max())),
         "witness": witness,
         "witness_from": "test image" if best < len(x_test) else "search",
-        "radius": np.maximum(margin, 0.0) / (SQRT2 * certified),  # certified L2 radius (0: wrong)
+        "cert_acc": {e: float(a) for e, a in zip(EPSILONS, cert_acc)},
         "layers": {k: tuple(float(norms[v][k]) for v in ("matrix", "operator", "operator_gram")) for k in kernels},
         "stretch": {k: float(v) for k, v in stretch.items()},
     }
 
 
-def certified_accuracy(r: dict, eps: float) -> float:
-    """Fraction of test points classified correctly with margin > sqrt(2) L eps, L certified."""
-    return float(np.mean(r["radius"] > eps))
-
-
 def summary_rows(results: dict[str, dict]) -> list[tuple[str, ...]]:
     rows = [(
-        "run", "constraint view", "test acc", "claimed L", "certified L", "exact L",
+        "run", "constraint view", "test acc", "claimed L", "certified L", "graph L", "exact L",
         "max |J| test", "max |J| search", *(f"cert {e:g}" for e in EPSILONS),
     )]
     for name, r in results.items():
@@ -408,10 +421,11 @@ def summary_rows(results: dict[str, dict]) -> list[tuple[str, ...]]:
             f"{r['test_acc']:.1%}",
             f"{r['claimed']:.4f}",
             f"{r['certified']:.4f}",
+            f"{r['graph']:.4f}",
             f"{r['exact']:.4f}",
             f"{r['jac_test']:.4f}",
             f"{r['jac_search']:.4f}",
-            *(f"{certified_accuracy(r, e):.1%}" for e in EPSILONS),
+            *(f"{r['cert_acc'][e]:.1%}" for e in EPSILONS),
         ))
     return rows
 
@@ -443,13 +457,15 @@ claimed L        the product of per-layer Gram bounds in that view: nj.lipschitz
                  views=views) for (a), the product of nj.spectral_norms(params, estimator="gram") for (b)
 certified L      the product with true conv operator norms, both models:
                  nj.lipschitz_bound(params, views=views, estimator="gram"), a certified upper bound
+graph L          nj.lipschitz_certificate(MODEL.apply, params, x_test): the certified bound read from the
+                 model's jaxpr, op by op (no views); for this plain chain the same product, to Gram's tolerance
 exact L          the same product with exact operator norms (SVD of the materialised convolutions)
 max |J| test     the largest spectral norm of the input-to-logits Jacobian over the 450 test images
 max |J| search   the same at the points a {SEARCH_ITERS}-step projected ascent in [0, 1]^64 reached from the
                  {SEARCH_STARTS} test images with the largest norms; both are lower bounds on the Lipschitz constant
 cert eps         certified robust accuracy at L2 radius eps (pixel units): % of test images classified
-                 correctly with margin f_y - max_{{j!=y}} f_j > sqrt(2) * (certified L) * eps; for (b) that is
-                 its TRUE certified bound, not the claimed one"""
+                 correctly with margin f_y - max_{{j!=y}} f_j > sqrt(2) * (certified L) * eps
+                 (nj.certified_accuracy); for (b) that is its TRUE certified bound, not the claimed one"""
 
 
 def verdicts(results: dict[str, dict]) -> list[str]:
@@ -492,6 +508,16 @@ def verdicts(results: dict[str, dict]) -> list[str]:
         + (": neither conv layer is 1-Lipschitz." if conv_shown_b else ": the demonstration FAILED.")
     )
     failed += [] if conv_shown_b else ["(b) layers"]
+    for name, r in results.items():
+        lower = max(r["empirical"], r["witness"])
+        gap = r["graph"] / r["certified"] - 1.0
+        ok_graph = lower <= r["graph"] * (1 + RTOL) and abs(gap) <= GRAPH_RTOL
+        lines.append(
+            f"{name}: the graph certificate nj.lipschitz_certificate = {r['graph']:.4f} is >= every lower bound "
+            f"found ({lower:.4f}) and within {abs(gap):.1e} of nj.lipschitz_bound's {r['certified']:.4f} "
+            f"(<= {GRAPH_RTOL:g} for a plain chain): " + ("consistent." if ok_graph else "VIOLATED.")
+        )
+        failed += [] if ok_graph else [f"{name} graph certificate"]
     if failed:
         for line in lines:
             print(line)

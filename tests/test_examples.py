@@ -108,6 +108,11 @@ def _check_spectral_digits(stdout: str, tmp_path: Path) -> None:
         # The empirical check the script asserts, read back from the table.
         assert float(row["max |grad m|"]) <= float(row["sqrt2*L"]) * (1 + 1e-3), row
         assert math.isclose(float(row["sqrt2*L"]), math.sqrt(2) * bound, rel_tol=1e-3), row
+        # The graph certificate (nj.lipschitz_certificate): the same product for this plain chain,
+        # and above the same lower bound (|grad m| <= sqrt(2) L for every certified L).
+        graph = float(row["L (graph)"])
+        assert math.isclose(graph, bound, rel_tol=1e-2), row
+        assert float(row["max |grad m|"]) <= math.sqrt(2) * graph * (1 + 1e-3), row
         cert = [float(row[c].rstrip("%")) for c in eps_columns]
         assert all(a >= b for a, b in zip(cert, cert[1:])), f"certified accuracy grows with eps: {row}"
         assert cert[0] <= float(row["test acc"].rstrip("%")), row
@@ -143,6 +148,9 @@ def _check_conv_digits(stdout: str, tmp_path: Path) -> None:
         # Certified (Gram, true operator norms) >= exact >= every lower bound found.
         assert f(row, "certified L") >= f(row, "exact L") * (1 - 1e-5), row
         assert f(row, "exact L") >= max(f(row, "max |J| test"), f(row, "max |J| search")) * (1 - 1e-4), row
+        # The graph certificate (nj.lipschitz_certificate): the same product for this plain chain.
+        assert math.isclose(f(row, "graph L"), f(row, "certified L"), rel_tol=1e-2), row
+        assert f(row, "graph L") >= max(f(row, "max |J| test"), f(row, "max |J| search")) * (1 - 1e-4), row
         cert = [f(row, f"cert {e:g}") for e in example.EPSILONS]
         assert all(a >= b for a, b in zip(cert, cert[1:])) and cert[0] <= f(row, "test acc"), row
         assert f(row, "test acc") > 50.0, row  # both learn something, even in the quick run
