@@ -32,6 +32,7 @@ bench: $(VENV)/.bench-deps
 	$(PY) benchmarks/bench_spectral.py
 	$(PY) benchmarks/bench_conv.py
 	$(PY) benchmarks/bench_certificate.py
+	$(PY) benchmarks/bench_matmul.py
 	$(PY) benchmarks/power_tracking.py
 
 clean:

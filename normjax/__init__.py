@@ -34,6 +34,14 @@ from normjax._norms import (
     sigma_svd,
     unit_norms,
 )
+from normjax._polar import (
+    msign,
+    orthogonalize,
+    polar_schedule,
+    spectral_clip,
+    spectral_hammer,
+    spectral_soft_cap,
+)
 from normjax._project import (
     lipschitz_bound,
     project_max_norm,
@@ -84,7 +92,10 @@ __all__ = [
     "lipschitz_certificate",
     "max_norm",
     "min_max_norm",
+    "msign",
+    "orthogonalize",
     "path_str",
+    "polar_schedule",
     "project_max_norm",
     "project_min_max_norm",
     "project_spectral_norm",
@@ -92,8 +103,11 @@ __all__ = [
     "sigma_gram",
     "sigma_power",
     "sigma_svd",
+    "spectral_clip",
+    "spectral_hammer",
     "spectral_norm",
     "spectral_norms",
+    "spectral_soft_cap",
     "unit_norm",
     "unit_norms",
 ]

@@ -345,6 +345,14 @@ def _match_inline(ref: Any, eqns: Sequence[Any], i: int, y: Any) -> Any:
     return None if isinstance(out, jcore.Literal) else vmap.get(out)
 
 
+def _short(loc: str) -> str:
+    """A source location with an installed package's path cut to the package (``flax/linen/...``)."""
+    for marker in ("site-packages/", "dist-packages/"):
+        if marker in loc:
+            return loc[loc.index(marker) + len(marker) :]
+    return loc
+
+
 # ------------------------------------------------------------------------------------------
 # The walk
 # ------------------------------------------------------------------------------------------
@@ -360,7 +368,7 @@ class _Walker:
 
     # -- reporting -------------------------------------------------------------------------
     def site(self, eqn: Any) -> str:
-        loc = _loc(eqn) or self.ctx[-1]
+        loc = _short(_loc(eqn) or self.ctx[-1])
         stack = str(eqn.source_info.name_stack) if getattr(eqn.source_info, "name_stack", None) else ""
         where = f" at {loc}" if loc else ""
         return f"{eqn.primitive.name}{where}" + (f" [{stack}]" if stack else "")

@@ -84,8 +84,8 @@ def check_min_max(min_value: Any, max_value: Any, rate: Any, name: str) -> None:
             raise ValueError(f"{name}: min_value ({float(min_value)}) > max_value ({float(max_value)})")
 
 
-SPECTRAL_MODES = ("rescale", "normalize", "clip")
-SPECTRAL_ESTIMATORS = ("power", "gram", "svd")
+SPECTRAL_MODES = ("rescale", "normalize", "clip", "orthogonalize", "soft_cap", "hammer")
+SPECTRAL_ESTIMATORS = ("power", "gram", "svd", "matmul")
 
 
 def runtime_valid(min_value: Any = None, max_value: Any = None, rate: Any = None) -> Any:

@@ -844,6 +844,13 @@ def conv_refusal(c: ResolvedConv, *, estimator: str, mode: str | None = None) ->
     a non-circular convolution materialises the operator, refused above :data:`DENSE_LIMIT`.
     """
     n_in, n_out = _dense_size(c)
+    if estimator == "matmul" or mode in ("orthogonalize", "soft_cap", "hammer"):
+        what = "estimator='matmul'" if estimator == "matmul" else f"mode={mode!r}"
+        return (
+            f"{what} is a map on matrices (a polynomial in W W^T, or a rank-one update); a convolution's "
+            "operator is not its kernel's matrix. Use mode='rescale' (estimator 'gram' certifies it) or "
+            "mode='clip' with estimator='svd' on CIRCULAR padding"
+        )
     if mode == "clip":
         if c.pad_mode != "wrap" or _fourier_layout(c, circular_exact=True) is None:
             return (

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from normjax._checks import SPECTRAL_MODES, check_min_max, check_scalar, choice, poison, positive_int, runtime_valid
-from normjax._norms import apply_scale, band_scale, spectral_scale, unit_norms
+from normjax._norms import apply_scale, band_scale, scaled_update, spectral_scale, unit_norms
 from normjax._select import Axis, PyTree, Where
 from normjax._views import View, leaf_views
 
@@ -154,16 +154,44 @@ def project_spectral_leaf(w: jax.Array, max_value: Any, mode: str, view: View, s
     return apply_scale(w, view.broadcast(poison(scale, ok), w.shape)), scale, sigma
 
 
+def _certified_round(t: jax.Array, dtype: Any, max_value: Any, view: View, num_iters: int) -> jax.Array:
+    r"""``t`` (any dtype) scaled by ``f`` and rounded to ``dtype`` with :math:`\sigma \le c` for sure.
+
+    With :math:`\hat\sigma` the Gram bound of ``t`` (accumulation dtype) and the rounding
+    :math:`E = \mathrm{round}(f t) - f t` of at most :math:`(\epsilon/2 + u)|f t_i|` per entry
+    (to nearest in ``dtype``, the product in the accumulation dtype),
+    :math:`\sigma(\mathrm{round}(ft)) \le f\hat\sigma + g \lVert E\rVert_F \le f(\hat\sigma +
+    g(\epsilon/2 + u)\lVert t\rVert_F)`, so :math:`f = \min(1, c / (\ldots))` (rounded down)
+    lands at or below :math:`c` (``g``: the view's gain, 1 for a matrix). Matrices whose bound is
+    already at most :math:`c` only get the rounding to ``dtype`` accounted for.
+    """
+    acc = jnp.promote_types(t.dtype, jnp.float32)
+    t = t.astype(acc)
+    bound, _ = view.sigma(t, "gram", num_iters)
+    axes = tuple(a for a in range(t.ndim) if a not in view.batch)
+    fro = jnp.sqrt(jnp.sum(jnp.square(t), axis=axes)).reshape(bound.shape)
+    eps_out = float(jnp.finfo(dtype).eps) if jnp.issubdtype(dtype, jnp.floating) else 0.0
+    u = float(jnp.finfo(acc).eps) / 2
+    n = int(np.prod(t.shape))
+    err = view.gain * (eps_out / 2 + u) * fro * (1 + (n + 4) * u)
+    denom = (bound + err) * (1 + 4 * u)
+    f = jnp.where(denom > max_value, max_value / jnp.where(denom > 0, denom, 1) * (1 - 4 * u), 1.0)
+    return (t * view.broadcast(f.astype(acc), t.shape)).astype(dtype)
+
+
 def project_spectral_norm(
     params: PyTree,
     max_value: Any,
     *,
     mode: str = "clip",
+    estimator: str = "svd",
+    num_iters: int | None = None,
+    certify: bool = False,
     dims: Any = None,
     where: Where = None,
     views: PyTree | None = None,
 ) -> PyTree:
-    r"""Exact spectral-norm projection of every selected matrix (SVD in float32/64).
+    r"""Spectral-norm projection of every selected matrix.
 
     Each selected leaf is viewed as a stack of matrices :math:`W` (from ``views``, or
     ``dims``: rows = all axes but the last and columns = the last by default, the reshaped
@@ -172,13 +200,18 @@ def project_spectral_norm(
     :math:`c` = ``max_value``:
 
     - ``"clip"``: :math:`U \operatorname{diag}(\min(s, c)) V^\top`, the Euclidean (Frobenius)
-      projection onto :math:`\{W : \sigma_{\max}(W) \le c\}`;
+      projection onto :math:`\{W : \sigma_{\max}(W) \le c\}`: exact by SVD
+      (``estimator="svd"``), or by matmuls only (``estimator="matmul"``, :func:`spectral_clip`);
+    - ``"orthogonalize"``: :math:`c\,UV^\top` (SVD, or :func:`msign` with ``"matmul"``);
     - ``"rescale"``: :math:`W \min(1, c / s_1)`;
-    - ``"normalize"``: :math:`W c / s_1` (spectral normalization; zero matrices stay zero).
+    - ``"normalize"``: :math:`W c / s_1` (spectral normalization; zero matrices stay zero);
+    - ``"soft_cap"``: :func:`spectral_soft_cap` with the exact :math:`s_1` as its bound.
 
-    A leaf whose view is a :class:`ConvSpec` (inferred, or from ``dims`` rules) is scaled by
-    the exact operator norm of its convolution; ``"clip"`` on it is the Fourier clip of
-    :func:`conv_clip` and needs circular padding.
+    ``certify=True`` bounds each changed matrix (in its own dtype) by Gram iteration and scales
+    it onto :math:`c` with a rounding margin where the bound is above: :math:`\sigma \le c`
+    for sure. A leaf whose view is a :class:`ConvSpec` (inferred, or from ``dims`` rules) is
+    scaled by the exact operator norm of its convolution; ``"clip"`` on it is the Fourier clip
+    of :func:`conv_clip` and needs circular padding; the matmul modes refuse it.
 
     Matrices already inside the ball (``clip``, ``rescale``) come back bit for bit. The SVD
     needs the whole matrix, so a sharded leaf is gathered for it; the result keeps the
@@ -193,21 +226,48 @@ def project_spectral_norm(
     >>> nj.project_spectral_norm({"w": w}, 2.0, mode="rescale")["w"]
     Array([[2. , 0. ],
            [0. , 0.5]], dtype=float32)
+    >>> bool(jnp.allclose(nj.project_spectral_norm({"w": w}, 2.0, estimator="matmul")["w"], jnp.diag(jnp.array([2.0, 1.0])), atol=1e-5))
+    True
 
     References:
       Miyato et al., "Spectral normalization for generative adversarial networks", ICLR 2018.
+      Amsel, Persson, Musco & Gower, "The Polar Express", 2025 (the matmul iterations).
     """
+    from normjax._transforms import CERTIFY_GRAM_ITERS, DEFAULT_NUM_ITERS, check_spectral_combination
+
     name = "project_spectral_norm"
     check_scalar(max_value, "max_value", name, positive=True)
     choice(mode, SPECTRAL_MODES, "mode", name)
+    choice(estimator, ("svd", "matmul"), "estimator", name)
+    if mode == "hammer":
+        raise ValueError(f"{name}: mode='hammer' needs the power vectors kept in spectral_norm's state; use the transform")
+    if estimator == "svd" and mode not in ("clip", "orthogonalize", "rescale", "normalize", "soft_cap"):  # pragma: no cover
+        raise ValueError(f"{name}: unknown mode {mode!r}")
+    check_spectral_combination(name, mode, estimator, certify)
+    iters = positive_int(DEFAULT_NUM_ITERS[estimator] if num_iters is None else num_iters, "num_iters", name)
     treedef, leaves = leaf_views(params, name, where=where, views=views, dims=dims, purpose="spectral")
     out = []
     for path, v, view in leaves:
         if view is None:
             out.append(v)
             continue
-        view.check(path, name, "svd", mode)
-        out.append(project_spectral_leaf(jnp.asarray(v), max_value, mode, view)[0])
+        view.check(path, name, estimator if estimator == "matmul" else "svd", mode)
+        if certify:
+            view.check(path, name, "gram", None)
+        w = jnp.asarray(v)
+        ok = runtime_valid(max_value=max_value)
+        if mode in ("clip", "rescale", "normalize") and estimator == "svd":
+            w_new = project_spectral_leaf(w, max_value, mode, view)[0]
+        elif mode == "orthogonalize" and estimator == "svd":
+            w_new = poison(view.orthogonalize_svd(w, max_value), ok).astype(w.dtype)
+        elif mode == "soft_cap":
+            sigma = view.sigma(w, "svd", 1)[0]
+            w_new = poison(view.matmul(w, max_value, "soft_cap", 0, bound=sigma)[0], ok).astype(w.dtype)
+        else:
+            w_new = poison(view.matmul(w, max_value, mode, iters)[0], ok).astype(w.dtype)
+        if certify:
+            w_new = _certified_round(w_new, w.dtype, max_value, view, CERTIFY_GRAM_ITERS)
+        out.append(w_new)
     return treedef.unflatten(out)
 
 
@@ -274,9 +334,11 @@ def lipschitz_bound(
     matrix is not a bound on a convolution), as does an empty selection.
 
     It is a bound for a *sequential* network whose linear layers are exactly the selected
-    leaves. It does not cover residual connections (use :math:`\prod (1 + L_k)`) or
-    attention. Flatten, ReLU, max pooling and average pooling (norm at most 1) can sit
-    between the layers.
+    leaves, with 1-Lipschitz steps between them (flatten, ReLU, non-overlapping max or
+    average pooling). It does not cover residual connections, overlapping pooling (a max
+    pool whose windows cover an element ``m`` times stretches by up to :math:`\sqrt m`),
+    activations steeper than 1 (gelu: 1.13) or attention: for the network as it runs use
+    :func:`lipschitz_certificate`, which reads all of that from the model's graph.
 
     >>> import jax.numpy as jnp, normjax as nj
     >>> params = {"l1": {"kernel": 2 * jnp.eye(3)}, "l2": {"kernel": 0.5 * jnp.ones((3, 1))}}

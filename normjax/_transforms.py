@@ -19,7 +19,7 @@ from normjax._checks import (
     positive_int,
     runtime_valid,
 )
-from normjax._norms import band_scale, decode_scale, scaled_update, spectral_scale, unit_norms
+from normjax._norms import apply_scale, band_scale, decode_scale, scaled_update, spectral_scale, unit_norms
 from normjax._select import Axis, PyTree, Where
 from normjax._views import View, leaf_views
 
@@ -232,7 +232,40 @@ def min_max_norm(
     return _unit_band_transform("min_max_norm", min_value, max_value, rate, axis, where, views)
 
 
-DEFAULT_NUM_ITERS = {"power": 1, "gram": 8, "svd": 1}
+DEFAULT_NUM_ITERS = {"power": 1, "gram": 8, "svd": 1, "matmul": 12}
+CERTIFY_GRAM_ITERS = 16  # a flat spectrum (what a clip leaves) is Gram iteration's worst case: rank**(2**-17)
+
+
+def _land(p, u, target, moved, view, c, ok, new_u, sigma):
+    """The certified landing: the update that takes ``p`` to ``target`` where ``moved``, rounded as
+    ``apply_updates`` will round it, then bounded by Gram iteration (certified) and scaled onto the
+    ball with :func:`scaled_update`'s margin where the bound is above ``c``."""
+    u1 = jnp.where(moved, (target - p).astype(u.dtype), u)
+    w1 = (p + u1).astype(p.dtype)
+    bound, _ = view.sigma(w1, "gram", CERTIFY_GRAM_ITERS)
+    scale, _ = spectral_scale(bound, c, "rescale")
+    scale = poison(scale, ok)
+    u_new = scaled_update(p, u1, view.broadcast(scale, p.shape), max_value=c, gain=view.gain)
+    after = jnp.where(scale == 0, 0, bound * decode_scale(scale)).astype(jnp.float32)
+    return u_new, (new_u, sigma.astype(jnp.float32), after)
+
+
+def check_spectral_combination(name: str, mode: str, estimator: str, certify: bool) -> None:
+    """Which ``mode`` goes with which ``estimator`` (shared by the transform and the projection)."""
+    if not isinstance(certify, bool):
+        raise TypeError(f"{name}: certify must be True or False, got {certify!r}")
+    if estimator == "matmul" and mode not in ("clip", "orthogonalize"):
+        raise ValueError(
+            f"{name}: estimator='matmul' computes mode='clip' or mode='orthogonalize' with matmuls only; "
+            f"mode={mode!r} needs a sigma estimate: estimator 'power', 'gram' or 'svd'"
+        )
+    if mode in ("clip", "orthogonalize") and estimator not in ("svd", "matmul"):
+        raise ValueError(
+            f"{name}: mode={mode!r} changes every singular value: use estimator='svd' (exact) or "
+            f"estimator='matmul' (polynomial iterations, no SVD); or mode='rescale' with estimator={estimator!r}"
+        )
+    if mode == "hammer" and estimator != "power":
+        raise ValueError(f"{name}: mode='hammer' moves the top singular value along the power vectors; use estimator='power'")
 INIT_POWER_ITERS = 30
 
 
@@ -246,6 +279,7 @@ def spectral_norm(
     where: Where = None,
     views: PyTree | None = None,
     seed: int = 0,
+    certify: bool = False,
 ) -> optax.GradientTransformation:
     r"""Keeps the largest singular value of every selected matrix at most ``max_value``.
 
@@ -256,8 +290,27 @@ def spectral_norm(
     - ``mode="rescale"``: :math:`P(W) = W \min(1, c / \hat\sigma)`;
     - ``mode="normalize"``: :math:`P(W) = W c / \hat\sigma` (spectral normalization,
       Miyato et al. 2018, applied to the stored weight instead of inside the layer);
-    - ``mode="clip"``: singular values :math:`\min(s_i, c)`, the exact Euclidean projection
-      (needs ``estimator="svd"``).
+    - ``mode="clip"``: singular values :math:`\min(s_i, c)`, the Euclidean projection: exact
+      with ``estimator="svd"``, by matmuls only with ``estimator="matmul"`` (no SVD, eigh or
+      QR: :func:`spectral_clip`, to about 1e-4 relative);
+    - ``mode="orthogonalize"``: every non-zero singular value set to :math:`c`
+      (:math:`c\,UV^\top`; ``"svd"`` exact, ``"matmul"`` by :func:`msign`);
+    - ``mode="soft_cap"``: :math:`s \mapsto s(1 - \beta (s/m)^2)`, :math:`\beta = 1 - c/m`, with
+      :math:`m` the estimate of :math:`\sigma_{\max}(W)` (:func:`spectral_soft_cap`): two
+      matmuls, the largest singular value lands on :math:`c` and small ones barely move. With
+      ``"gram"`` :math:`m` is a certified bound, so :math:`\sigma \le c` after every step (in
+      exact arithmetic; ``certify=True`` adds the rounding). The strength :math:`\beta` follows
+      how far the step went: after a Muon step of size :math:`\eta` from inside the ball
+      :math:`m \le c + \eta`, so :math:`\beta \le \eta / (c + \eta)`, the coupling of
+      Newhouse et al. 2025 without a learning rate to pass;
+    - ``mode="hammer"``: the top singular value along the power vectors kept in the state
+      set to :math:`c` (:func:`spectral_hammer`, Newhouse et al. 2025); needs ``"power"``.
+
+    ``certify=True`` lands every changed matrix inside the ball for sure, rounding included:
+    the new matrix, rounded as ``optax.apply_updates`` will round it, is bounded by Gram
+    iteration (certified, also for convolutions) and scaled onto :math:`c (1 - \beta)` with
+    the margin of :func:`scaled_update` where it is above (``estimator="gram"`` with
+    ``"rescale"``/``"normalize"`` always does this).
 
     Estimators of :math:`\sigma_{\max}`:
 
@@ -266,6 +319,9 @@ def spectral_norm(
     - ``"gram"``: Gram iteration (Delattre et al. 2023, default 8 iterations), a certified
       upper bound: after every step :math:`\sigma_{\max} \le c` holds for sure.
     - ``"svd"``: exact.
+    - ``"matmul"``: none (``mode="clip"``/``"orthogonalize"`` by polynomial iterations:
+      ``num_iters`` steps, default 12). The logged ``sigma`` is then the upper bound
+      :math:`\lVert WW^\top\rVert_F^{1/2}` (within :math:`\operatorname{rank}^{1/4}` of sigma).
 
     Views: with ``views=infer_views(apply_fn, params, x)`` every leaf is bounded as the model
     uses it: a Flax or Equinox convolution by the operator norm of
@@ -288,14 +344,16 @@ def spectral_norm(
 
     Args:
       max_value: the bound :math:`c > 0`.
-      estimator: ``"power"``, ``"gram"`` or ``"svd"``.
-      num_iters: iterations of the estimator per step; ``None`` picks 1 for power and 8 for
-        gram (ignored by svd).
-      mode: ``"rescale"``, ``"normalize"`` or ``"clip"``.
+      estimator: ``"power"``, ``"gram"``, ``"svd"`` or ``"matmul"``.
+      num_iters: iterations of the estimator per step; ``None`` picks 1 for power, 8 for
+        gram and 12 for matmul (ignored by svd).
+      mode: ``"rescale"``, ``"normalize"``, ``"clip"``, ``"orthogonalize"``, ``"soft_cap"``
+        or ``"hammer"``.
       dims: the manual view of each leaf (see above); not with ``views``.
       where: which leaves, as in :func:`max_norm`.
       views: a pytree shaped like params from :func:`infer_views`.
       seed: seeds the initial power vectors (each leaf folds in its index).
+      certify: land every changed matrix inside the ball for sure (see above).
 
     >>> import jax.numpy as jnp, optax, normjax as nj
     >>> params = {"w": jnp.array([[2.0, 0.0], [0.0, 0.5]])}
@@ -328,11 +386,7 @@ def spectral_norm(
     check_scalar(max_value, "max_value", name, positive=True)
     choice(mode, SPECTRAL_MODES, "mode", name)
     choice(estimator, SPECTRAL_ESTIMATORS, "estimator", name)
-    if mode == "clip" and estimator != "svd":
-        raise ValueError(
-            f"{name}: mode='clip' clamps every singular value and needs the full SVD; "
-            f"use estimator='svd' (or mode='rescale' with estimator={estimator!r})"
-        )
+    check_spectral_combination(name, mode, estimator, certify)
     iters = positive_int(DEFAULT_NUM_ITERS[estimator] if num_iters is None else num_iters, "num_iters", name)
 
     def leaves_of(params):
@@ -340,6 +394,8 @@ def spectral_norm(
         for path, _, view in leaves:
             if view is not None:
                 view.check(path, name, estimator, mode)
+                if certify:
+                    view.check(path, name, "gram", None)
         return treedef, leaves
 
     def init_fn(params: PyTree) -> SpectralNormState:
@@ -366,23 +422,52 @@ def spectral_norm(
             w = p + u.astype(p.dtype)
             f32 = jnp.float32
             ok = runtime_valid(max_value=c)
-            if mode == "clip":  # exact projection: the SVD needs w itself
-                w_new, sigma = view.clip(w, c)
-                w_new = poison(w_new, ok)
-                moved = view.broadcast(sigma > jnp.asarray(c, sigma.dtype), w.shape)
-                after = jnp.minimum(sigma, jnp.asarray(c, sigma.dtype))
-                moved = moved | jnp.logical_not(ok)
-                return jnp.where(moved, (w_new - p).astype(u.dtype), u), (EMPTY, sigma.astype(f32), poison(after, ok).astype(f32))
-            sigma, new_u = view.sigma(w, estimator, iters, old[0][i] if estimator == "power" else None)
-            scale, _ = spectral_scale(sigma, c, mode)
-            scale = poison(scale, ok)
-            new_u = EMPTY if new_u is None else new_u.astype(old[0][i].dtype)
-            after = jnp.where(scale == 0, 0, sigma * decode_scale(scale)).astype(f32)
-            # "gram" certifies sigma: the update then also covers its own rounding (scaled_update's
-            # max_value), so sigma <= c holds after the step for sure, not only up to rounding
-            certified = dict(max_value=c, gain=view.gain) if estimator == "gram" else {}
-            u_new = scaled_update(p, u, view.broadcast(scale, w.shape), **certified)
-            return u_new, (new_u, sigma.astype(f32), after)
+            cc = lambda s: jnp.asarray(c, s.dtype)
+            if mode in ("rescale", "normalize"):
+                sigma, new_u = view.sigma(w, estimator, iters, old[0][i] if estimator == "power" else None)
+                scale, _ = spectral_scale(sigma, c, mode)
+                scale = poison(scale, ok)
+                new_u = EMPTY if new_u is None else new_u.astype(old[0][i].dtype)
+                after = jnp.where(scale == 0, 0, sigma * decode_scale(scale)).astype(f32)
+                # "gram" certifies sigma: the update then also covers its own rounding (scaled_update's
+                # max_value), so sigma <= c holds after the step for sure, not only up to rounding
+                certified = dict(max_value=c, gain=view.gain) if estimator == "gram" or certify else {}
+                if certify and estimator != "gram":  # the estimate is not a bound: land by a Gram bound
+                    target = apply_scale(w, view.broadcast(scale, w.shape))
+                    moved = view.broadcast(scale != 1, w.shape)
+                    return _land(p, u, target, moved, view, c, ok, new_u, sigma)
+                u_new = scaled_update(p, u, view.broadcast(scale, w.shape), **certified)
+                return u_new, (new_u, sigma.astype(f32), after)
+            new_u = EMPTY
+            if mode == "clip" and estimator == "svd":  # exact projection: the SVD needs w itself
+                target, sigma = view.clip(w, c)
+                moved_b = sigma > cc(sigma)
+                after = jnp.minimum(sigma, cc(sigma))
+            elif mode == "orthogonalize" and estimator == "svd":
+                target = view.orthogonalize_svd(w, c)
+                sigma = view.sigma(w, "svd", 1)[0]
+                moved_b = jnp.ones(sigma.shape, bool)
+                after = jnp.where(sigma > 0, cc(sigma), 0)
+            elif mode in ("clip", "orthogonalize"):  # estimator="matmul"
+                target, moved_b, sigma = view.matmul(w, c, mode, iters)
+                after = jnp.minimum(sigma, cc(sigma)) if mode == "clip" else jnp.where(sigma > 0, cc(sigma), 0)
+            elif mode == "soft_cap":
+                sigma, vec = view.sigma(w, estimator, iters, old[0][i] if estimator == "power" else None)
+                new_u = EMPTY if vec is None else vec.astype(old[0][i].dtype)
+                target, moved_b, _ = view.matmul(w, c, "soft_cap", 0, bound=sigma)
+                after = jnp.minimum(sigma, cc(sigma))
+            else:  # hammer
+                _, vec = view.sigma(w, "power", iters, old[0][i])
+                new_u = vec.astype(old[0][i].dtype)
+                target, sigma = view.hammer(w, c, vec)
+                moved_b = sigma > cc(sigma)
+                after = jnp.minimum(sigma, cc(sigma))
+            moved = view.broadcast(moved_b, w.shape) | jnp.logical_not(ok)
+            target = poison(target, ok)
+            if certify:
+                return _land(p, u, target, moved, view, c, ok, new_u, sigma)
+            u_new = jnp.where(moved, (target - p).astype(u.dtype), u)
+            return u_new, (new_u, sigma.astype(f32), poison(after, ok).astype(f32))
 
         updates, fields = _update_leaves(name, updates, params, leaves_of, update_leaf, old)
         return updates, SpectralNormState(*fields)

@@ -46,6 +46,7 @@ from normjax._norms import (
     sigma_power,
     sigma_svd,
 )
+from normjax._polar import hammer_leaf, matmul_leaf, orthogonalize_svd
 from normjax._select import (
     Axis,
     PyTree,
@@ -117,6 +118,17 @@ class MatrixView:
 
     def clip(self, w: jax.Array, max_value: Any):
         return clip_singular_values(w, max_value, dims=self.dims)
+
+    def matmul(self, w: jax.Array, max_value: Any, mode: str, num_iters: int, bound: Any = None):
+        """``(w_new, moved, upper)``: the matmul-only ``mode`` (clip, orthogonalize, soft_cap), float32."""
+        return matmul_leaf(w, max_value, mode, self.dims, num_iters, bound=bound)
+
+    def orthogonalize_svd(self, w: jax.Array, max_value: Any):
+        """``c U V^T`` by SVD (the exact reference of ``mode="orthogonalize"``), float32."""
+        return orthogonalize_svd(w, max_value, self.dims)
+
+    def hammer(self, w: jax.Array, max_value: Any, v: jax.Array):
+        return hammer_leaf(w, max_value, v, self.dims)
 
 
 @dataclasses.dataclass(frozen=True)
