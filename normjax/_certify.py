@@ -34,7 +34,7 @@ from jax.extend import core as jcore
 
 from normjax._conv import ConvSpec, conv_sigma_gram
 from normjax._infer import _loc
-from normjax._norms import gram_stack
+from normjax._norms import acc_dtype, gram_stack
 from normjax._select import path_str
 
 __all__ = [
@@ -182,14 +182,15 @@ def _fixed(c: float) -> Callable[..., Any]:
 
 
 def _max_abs_one(*extra: Any) -> Any:
-    return jnp.maximum(_const_up(1.0), jnp.abs(jnp.asarray(extra[0], _dtype()))) if extra else _const_up(1.0)
+    """``max(1, max |alpha|)`` (one slope per channel, as in PReLU, included)."""
+    return jnp.maximum(_const_up(1.0), jnp.max(jnp.abs(jnp.asarray(extra[0], _dtype())))) if extra else _const_up(1.0)
 
 
 def _celu(*extra: Any) -> Any:
     if not extra:
         return _const_up(1.0)
     a = jnp.asarray(extra[0], _dtype())
-    return jnp.where(a > 0, _const_up(1.0), jnp.inf)
+    return jnp.where(jnp.all(a > 0), _const_up(1.0), jnp.inf)
 
 
 _NAMED_ACTIVATIONS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
@@ -363,6 +364,7 @@ class _Walker:
         self.records: list[tuple[str, str, Any, Any, str | None]] = []
         self.errors: list[str] = [] if errors is None else errors  # shared with sub-walks
         self.origins = origins  # var -> parameter path, for values that are a parameter
+        self.zeros: set[Any] = set()  # vars known to hold 0 (broadcast literals)
         self.num_iters = num_iters
         self.ctx: list[str] = [""]
 
@@ -427,6 +429,12 @@ class _Walker:
         else:
             ans = eqn.primitive.bind(*ins, **params)
         outs = list(ans) if eqn.primitive.multiple_results else [ans]
+        # structurally known zeros (``jnp.where(x > 0, x, 0)``'s broadcast 0): for _piecewise
+        if eqn.primitive.name in ("broadcast_in_dim", "convert_element_type", "reshape") and eqn.invars:
+            a = eqn.invars[0]
+            zero = (isinstance(a, jcore.Literal) and np.all(np.asarray(a.val) == 0)) or (not isinstance(a, jcore.Literal) and a in self.zeros)
+            if zero:
+                self.zeros.add(eqn.outvars[0])
         # a parameter passed through a cast, transpose or reshape is still that parameter
         if eqn.primitive.name in _IDENTITY | {"transpose", "reshape", "squeeze", "broadcast_in_dim"} | _CALLS:
             src = [self.origins.get(v) for v in eqn.invars if not isinstance(v, jcore.Literal)]
@@ -497,6 +505,8 @@ class _Walker:
         a = ins[0]
         if eqn.primitive.name == "convert_element_type" and not jnp.issubdtype(eqn.params["new_dtype"], jnp.inexact):
             self.refuse(eqn, "a cast of an input-dependent value to an integer type is not continuous")
+        if not _is_float(eqn.invars[0]):
+            self.refuse(eqn, f"a cast of an input-dependent {eqn.invars[0].aval.dtype} (a comparison: a step function) is not continuous")
         return _Dep(a.L, _shape(eqn.outvars[0]), a.batch, a.tag)
 
     def scaled(self, eqn: Any, a: _Dep, lip: float, rule: str) -> _Dep:
@@ -520,6 +530,12 @@ class _Walker:
         body = p.get("jaxpr") or p.get("call_jaxpr") or p.get("fun_jaxpr")
         if body is None:
             self.refuse(eqn, "a call without a body to read")
+        inner = body.jaxpr.invars if hasattr(body, "jaxpr") else body.invars
+        for outer, v in zip(eqn.invars, inner):
+            if (isinstance(outer, jcore.Literal) and np.all(np.asarray(outer.val) == 0)) or (
+                not isinstance(outer, jcore.Literal) and outer in self.zeros
+            ):
+                self.zeros.add(v)
         self.ctx.append(_loc(eqn) or self.ctx[-1])
         try:
             return self.run_closed(body, ins, [self.origin(v) for v in eqn.invars])
@@ -645,6 +661,18 @@ class _Walker:
             self.record(eqn, "concatenation (sqrt of the sum of squares)", jnp.asarray(jnp.nan, _dtype()), out)
         return [out]
 
+    def rule_stack(self, eqn, ins):
+        axis = eqn.params["axis"]
+        deps = [a for a in ins if _is_dep(a)]
+        b = self._common_batch(eqn, deps)
+        if b is not None and axis <= b:
+            b += 1
+        L = deps[0].L if len(deps) == 1 else _up(jnp.sqrt(sum(d.L**2 for d in deps)))
+        out = _Dep(L, _shape(eqn.outvars[0]), b)
+        if len(deps) > 1:
+            self.record(eqn, "stack (sqrt of the sum of squares)", jnp.asarray(jnp.nan, _dtype()), out)
+        return [out]
+
     @staticmethod
     def _wrap(ins: list[_Dep], dim: int) -> _Dep | None:
         """``[s[n-p:], s, s[:q]]`` along ``dim`` (``jnp.pad(mode="wrap")``, Flax's CIRCULAR
@@ -692,7 +720,8 @@ class _Walker:
             for j, q in enumerate(deps):
                 if j in used or j == i or not q.tag or q.tag[0] != want:
                     continue
-                if p.tag[0] == "rmax" and q.tag[1] is p.tag[1] and q.tag[2] == p.tag[2]:
+                group = math.prod(p.tag[1].shape[a] for a in p.tag[2]) if p.tag[0] == "rmax" else 0
+                if p.tag[0] == "rmax" and q.tag[1] is p.tag[1] and q.tag[2] == p.tag[2] and group >= 2:
                     used |= {i, j}
                     out.append(p.tag[1].L ** 2)
                     break
@@ -718,22 +747,27 @@ class _Walker:
         pred, *cases = ins
         out_shape = _shape(eqn.outvars[0])
         if _is_dep(pred):
-            return [self._piecewise(eqn, pred, cases)]
+            zero = [isinstance(v, jcore.Literal) and np.all(np.asarray(v.val) == 0) or (not isinstance(v, jcore.Literal) and v in self.zeros)
+                    for v in eqn.invars[1:]]
+            return [self._piecewise(eqn, pred, cases, zero)]
         deps = [c for c in cases if _is_dep(c)]
         b = self._common_batch(eqn, deps)
         # each element comes from one case: |d out_i| <= max_k |d case_k,i|, summed over i
         L = deps[0].L if len(deps) == 1 else _up(jnp.sqrt(sum(d.L**2 for d in deps)))
         return [_Dep(L, out_shape, b)]
 
-    def _piecewise(self, eqn, pred: _Dep, cases: list[Any]) -> _Dep:
-        """``where(y >= 0, c1 * y, c2 * y)`` (leaky ReLU): every case a scalar multiple of the
-        ``y`` compared with 0 is continuous and ``max |c_k|``-Lipschitz."""
+    def _piecewise(self, eqn, pred: _Dep, cases: list[Any], zero: list[bool]) -> _Dep:
+        """``where(y >= 0, c1 * y, c2 * y)`` (leaky ReLU, and ReLU as ``where(y > 0, y, 0)``):
+        every case a scalar multiple of the ``y`` compared with 0 (or 0) is continuous and
+        ``max |c_k|``-Lipschitz."""
         if not (pred.tag and pred.tag[0] == "cmp0"):
             self.refuse(eqn, "a selection whose condition depends on the input (not continuous in general)")
         y = pred.tag[1]
         factors = []
-        for c in cases:
-            if c is y:
+        for c, z in zip(cases, zero):
+            if z:
+                factors.append(jnp.zeros((), _dtype()))
+            elif c is y:
                 factors.append(_const_up(1.0))
             elif _is_dep(c) and c.tag and c.tag[0] == "scaled" and c.tag[1] is y:
                 factors.append(c.tag[2])
@@ -774,6 +808,15 @@ class _Walker:
         n = math.prod(out_shape) // max(1, math.prod(d.shape))
         return d.L if n == 1 else _up(d.L * _const_up(math.sqrt(n)))
 
+    @staticmethod
+    def _copies_norm(a_shape, out_shape, c2: Any) -> Any:
+        """``sqrt(max_j sum_{i -> j} c_i^2)``: the norm of ``a -> a (broadcast) * c`` where each
+        element of ``a`` is copied along its size-1 (or missing) axes; its columns are orthogonal."""
+        a_shape = (1,) * (len(out_shape) - len(a_shape)) + tuple(a_shape)
+        c2 = jnp.broadcast_to(c2, out_shape)
+        axes = tuple(k for k, (n, m) in enumerate(zip(a_shape, out_shape)) if n == 1 and m != 1)
+        return jnp.sqrt(jnp.max(jnp.sum(c2, axis=axes))) if axes else jnp.sqrt(jnp.max(c2))
+
     def rule_mul(self, eqn, ins):
         a, c = ins
         if _is_dep(c):
@@ -781,11 +824,10 @@ class _Walker:
         if _is_dep(c):
             self.refuse(eqn)
         out_shape = _shape(eqn.outvars[0])
-        if math.prod(a.shape) == 1 and math.prod(out_shape) > 1:
-            f = jnp.sqrt(jnp.sum(jnp.square(jnp.asarray(c, _dtype()))))  # a scalar times a vector
-        else:
-            f = _max_abs(c)  # element-wise: a diagonal operator
-        out = _Dep(_up(a.L * f), out_shape, a.batch, ("scaled", a, f) if np.ndim(c) == 0 else None)
+        c = jnp.asarray(c, _dtype())
+        f = self._copies_norm(a.shape, out_shape, jnp.square(c))  # max|c| without broadcasting
+        tag = ("scaled", a, f) if np.ndim(c) == 0 else None
+        out = _Dep(_up(a.L * f), out_shape, a.batch, tag)
         self.record(eqn, "scale by a constant", f, out, self.origin(eqn.invars[1] if _is_dep(ins[0]) else eqn.invars[0]))
         return [out]
 
@@ -794,8 +836,8 @@ class _Walker:
         if _is_dep(c) or not _is_dep(a):
             self.refuse(eqn)
         out_shape = _shape(eqn.outvars[0])
-        inv = 1.0 / jnp.abs(jnp.asarray(c, _dtype()))
-        f = jnp.sqrt(jnp.sum(inv * inv)) if math.prod(a.shape) == 1 and math.prod(out_shape) > 1 else jnp.max(inv)
+        c = jnp.asarray(c, _dtype())
+        f = self._copies_norm(a.shape, out_shape, 1.0 / jnp.square(c))
         out = _Dep(_up(a.L * f), out_shape, a.batch, ("scaled", a, f) if np.ndim(c) == 0 else None)
         self.record(eqn, "divide by a constant", f, out, self.origin(eqn.invars[1]))
         return [out]
@@ -810,12 +852,15 @@ class _Walker:
         out_shape = _shape(eqn.outvars[0])
         if _is_dep(a) and _is_dep(c):
             b = self._common_batch(eqn, [a, c])
-            # |max(a,b) - max(a',b')| <= max(|da|, |db|): squares add up
-            if a.tag and c.tag and a.tag[0] == c.tag[0] == "slice" and a.tag[1] is c.tag[1] and _disjoint(a.tag[2], c.tag[2]):
+            # |max(a,b) - max(a',b')| <= max(|da|, |db|): squares add up (each operand counted
+            # with its copies when it is broadcast)
+            same = a.shape == c.shape == out_shape
+            if same and a.tag and c.tag and a.tag[0] == c.tag[0] == "slice" and a.tag[1] is c.tag[1] and _disjoint(a.tag[2], c.tag[2]):
                 L = a.tag[1].L
             else:
-                L = _up(jnp.sqrt(a.L**2 + c.L**2))
-            return [_Dep(L, out_shape, b, (kind, a, c))]
+                la, lc = self._dup(eqn, a, out_shape), self._dup(eqn, c, out_shape)
+                L = _up(jnp.sqrt(la**2 + lc**2))
+            return [_Dep(L, out_shape, b, (kind, a, c) if same else None)]
         d = a if _is_dep(a) else c
         return [_Dep(self._dup(eqn, d, out_shape), out_shape, d.batch)]  # a clamp: 1-Lipschitz
 
@@ -928,7 +973,7 @@ class _Walker:
         perm = list(wb) + w_free + list(wc)
         nb = math.prod(w.shape[k] for k in wb)
         m = jnp.transpose(w, perm).reshape(nb, math.prod(w.shape[k] for k in w_free), math.prod(w.shape[k] for k in wc))
-        sigma = jnp.max(gram_stack(m.astype(jnp.promote_types(m.dtype, jnp.float32)), self.num_iters)).astype(_dtype())
+        sigma = jnp.max(gram_stack(m.astype(acc_dtype(m.dtype)), self.num_iters)).astype(_dtype())
         # the example axis in the output: (dot batch, lhs free, rhs free)
         b = None
         if x.batch is not None:
@@ -978,7 +1023,7 @@ class _Walker:
             self.record(eqn, "circular convolution (Gram bound on the unpadded grid)", sigma, out, self.origin(eqn.invars[1]))
             return [out]
         try:
-            sigma = conv_sigma_gram(kern.astype(jnp.promote_types(kern.dtype, jnp.float32)), spec, num_iters=self.num_iters)
+            sigma = conv_sigma_gram(kern.astype(acc_dtype(kern.dtype)), spec, num_iters=self.num_iters)
         except ValueError as e:
             self.refuse(eqn, f"no certified norm for this convolution: {e}")
         sigma = jnp.asarray(sigma, _dtype())
@@ -1020,7 +1065,7 @@ class _Walker:
             kernel_layout="".join(letters[a] for a in range(len(rhs_spec))),
         )
         try:
-            sigma = conv_sigma_gram(kern.astype(jnp.promote_types(kern.dtype, jnp.float32)), spec, num_iters=self.num_iters)
+            sigma = conv_sigma_gram(kern.astype(acc_dtype(kern.dtype)), spec, num_iters=self.num_iters)
         except ValueError:
             return None
         return base, jnp.asarray(sigma, _dtype())
@@ -1178,6 +1223,25 @@ def _probe_batch(call: Callable[[Any], Any], x: Any) -> int | None:
 _CACHE: dict[Any, tuple[Callable[..., Any], list]] = {}
 
 
+def _sources(jaxpr: Any) -> tuple:
+    """Every equation's source line and module path, nested bodies included: part of the cache
+    key, so that two models with the same jaxpr text keep their own sites in reports."""
+    out = []
+
+    def visit(j):
+        j = getattr(j, "jaxpr", j)
+        for eqn in j.eqns:
+            ns = getattr(eqn.source_info, "name_stack", None)
+            out.append((_loc(eqn), str(ns) if ns else ""))
+            for v in eqn.params.values():
+                for sub in v if isinstance(v, (tuple, list)) else (v,):
+                    if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                        visit(sub)
+
+    visit(jaxpr)
+    return tuple(out)
+
+
 def lipschitz_certificate(
     fn: Callable[..., Any],
     params: Any,
@@ -1310,7 +1374,7 @@ def lipschitz_certificate(
     n_par = len(dyn)
     dyn_paths = [p for p, t in zip(paths, arr) if t]
 
-    key = (str(jaxpr), tuple(dyn_paths), batch_axis, num_iters, jax.config.jax_enable_x64,
+    key = (str(jaxpr), _sources(jaxpr), tuple(dyn_paths), batch_axis, num_iters, jax.config.jax_enable_x64,
            tuple((np.shape(c), str(getattr(c, "dtype", type(c)))) for c in closed.consts))
     hit = _CACHE.get(key)
     if hit is None:
@@ -1371,7 +1435,7 @@ def certified_radius(logits: Any, labels: Any, bound: Any) -> jax.Array:
     labels = jnp.asarray(labels)
     if logits.ndim != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(f"certified_radius: logits must be (N, classes) and labels (N,); got {logits.shape} and {labels.shape}")
-    L = jnp.asarray(_bound_value(bound), jnp.promote_types(logits.dtype, jnp.float32))
+    L = jnp.asarray(_bound_value(bound), acc_dtype(logits.dtype))
     logits = logits.astype(L.dtype)
     true = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
     other = jnp.max(jnp.where(jax.nn.one_hot(labels, logits.shape[1], dtype=bool), -jnp.inf, logits), axis=1)

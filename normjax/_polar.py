@@ -229,7 +229,9 @@ def _leaf_stack(w: jax.Array, dims: Any, name: str):
 
     w = jnp.asarray(w)
     d = _dims(w, dims, name)
-    return w, d, _to_stack(w.astype(jnp.promote_types(w.dtype, jnp.float32)), d)
+    from normjax._norms import acc_dtype
+
+    return w, d, _to_stack(w.astype(acc_dtype(w.dtype)), d)
 
 
 def _per_matrix(value: Any, nb: int, dtype: Any) -> jax.Array:
@@ -256,9 +258,26 @@ def matmul_leaf(w: jax.Array, max_value: Any, mode: str, dims: Any, num_iters: i
     ``upper``: the upper bound on sigma used (the normaliser ``||W W^T||_F^{1/2}``, or
     ``bound``). ``bound``: for ``"soft_cap"``, an upper bound on every matrix's sigma.
     """
-    from normjax._norms import _batch_shape, _empty_view, _from_stack, broadcast_batch
+    from normjax._norms import _dims, _empty_view
+    from normjax._shard import auto_where_explicit, batch_spec, like
 
-    w, d, x = _leaf_stack(w, dims, name)
+    w = jnp.asarray(w)
+    d = _dims(w, dims, name)
+    c_arr = jnp.asarray(max_value, jnp.float32)
+    b_arr = jnp.asarray(0.0 if bound is None else bound, jnp.float32)
+    if _empty_view(w, d):
+        return _matmul_body(w, c_arr, b_arr, mode, d, num_iters, name)
+    return auto_where_explicit(
+        lambda w, c, b: _matmul_body(w, c, b, mode, d, num_iters, name),
+        (w, c_arr, b_arr),
+        lambda: (like(w), batch_spec(w, d.batch), batch_spec(w, d.batch)),
+    )
+
+
+def _matmul_body(w, max_value, bound, mode, d, num_iters, name):
+    from normjax._norms import _batch_shape, _empty_view, _from_stack, _to_stack, acc_dtype
+
+    x = _to_stack(w.astype(acc_dtype(w.dtype)), d)
     shape = _batch_shape(w, d)
     if _empty_view(w, d):
         return w.astype(x.dtype), jnp.zeros(shape, bool), jnp.zeros(shape, x.dtype)
@@ -300,15 +319,24 @@ def orthogonalize_svd(w: jax.Array, max_value: Any, dims: Any):
 def hammer_leaf(w: jax.Array, max_value: Any, v: jax.Array, dims: Any, name: str = "spectral"):
     """The hammer on every matrix of a leaf along the right vectors ``v`` (``batch + cols``,
     the power vector of :func:`sigma_power`). Returns ``(w_new, s)`` (float32, ``batch_shape``)."""
-    from normjax._norms import _batch_shape, _from_stack
+    from normjax._norms import _dims
+    from normjax._shard import auto_where_explicit, batch_spec, like
 
-    w, d, x = _leaf_stack(w, dims, name)
-    nb = x.shape[0]
-    vs = jnp.asarray(v, x.dtype).reshape(nb, x.shape[2])
-    vn = jnp.sqrt(jnp.sum(vs * vs, axis=1, keepdims=True))
-    vs = vs / jnp.where(vn > 0, vn, 1.0)
-    y, s = hammer_stack(x, _per_matrix(max_value, nb, x.dtype), vs)
-    return _from_stack(y, w.shape, d), s.reshape(_batch_shape(w, d))
+    w = jnp.asarray(w)
+    d = _dims(w, dims, name)
+
+    def body(w, c, v):
+        from normjax._norms import _batch_shape, _from_stack, _to_stack, acc_dtype
+
+        x = _to_stack(w.astype(acc_dtype(w.dtype)), d)
+        nb = x.shape[0]
+        vs = jnp.asarray(v, x.dtype).reshape(nb, x.shape[2])
+        vn = jnp.sqrt(jnp.sum(vs * vs, axis=1, keepdims=True))
+        vs = vs / jnp.where(vn > 0, vn, 1.0)
+        y, s = hammer_stack(x, _per_matrix(c, nb, x.dtype), vs)
+        return _from_stack(y, w.shape, d), s.reshape(_batch_shape(w, d))
+
+    return auto_where_explicit(body, (w, jnp.asarray(max_value, jnp.float32), jnp.asarray(v)), lambda: (like(w), batch_spec(w, d.batch)))
 
 
 # ------------------------------------------------------------------------------------------

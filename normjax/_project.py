@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from normjax._checks import SPECTRAL_MODES, check_min_max, check_scalar, choice, poison, positive_int, runtime_valid
-from normjax._norms import apply_scale, band_scale, scaled_update, spectral_scale, unit_norms
+from normjax._norms import acc_dtype, apply_scale, band_scale, scaled_update, spectral_scale, unit_norms
 from normjax._select import Axis, PyTree, Where
 from normjax._views import View, leaf_views
 
@@ -165,7 +165,7 @@ def _certified_round(t: jax.Array, dtype: Any, max_value: Any, view: View, num_i
     lands at or below :math:`c` (``g``: the view's gain, 1 for a matrix). Matrices whose bound is
     already at most :math:`c` only get the rounding to ``dtype`` accounted for.
     """
-    acc = jnp.promote_types(t.dtype, jnp.float32)
+    acc = acc_dtype(t.dtype)
     t = t.astype(acc)
     bound, _ = view.sigma(t, "gram", num_iters)
     axes = tuple(a for a in range(t.ndim) if a not in view.batch)
