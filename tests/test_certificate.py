@@ -968,3 +968,41 @@ def test_deterministic_and_inside_jit():
     c3 = jitted(p2)
     assert float(c3) > float(c1)
     assert float(c3) == pytest.approx(float(nj.lipschitz_certificate(fn, p2, x)), rel=1e-6)
+
+
+def test_readme_residual_example():
+    """The README's worked example: three blocks x + W2 relu(W1 x), every ||W|| = 1 (16 features).
+
+    The per-layer product (nj.lipschitz_bound) is 1 and below the largest Jacobian norm found
+    (so not a bound); one (1 + ||W||) factor per layer gives 64; the certificate gives
+    (1 + ||W1|| ||W2||)^3 = 8 and is above every Jacobian norm found."""
+
+    def resnet(p, x):
+        for blk in p:
+            x = x + jax.nn.relu(x @ blk["w1"]) @ blk["w2"]
+        return x
+
+    key = jax.random.key(0)
+    ps = []
+    for _ in range(3):
+        k1, k2, key = jax.random.split(key, 3)
+        blk = {}
+        for name, k in (("w1", k1), ("w2", k2)):
+            w = np.asarray(jax.random.normal(k, (16, 16)), np.float64)
+            blk[name] = jnp.asarray(w / np.linalg.svd(w, compute_uv=False)[0], jnp.float32)
+        ps.append(blk)
+    sig = [np.linalg.svd(np.asarray(b[k], np.float64), compute_uv=False)[0] for b in ps for k in b]
+    product = float(np.prod(sig))
+    per_layer = float(np.prod([1 + s for s in sig]))
+    cert = float(nj.lipschitz_certificate(resnet, ps, jnp.zeros((1, 16))))
+    g = lambda x: resnet(ps, x[None])[0]
+    lower = max(
+        np.linalg.svd(np.asarray(jax.jacfwd(g)(3 * jax.random.normal(jax.random.key(s), (16,))), np.float64), compute_uv=False)[0]
+        for s in range(64)
+    )
+    assert abs(product - 1.0) < 1e-5 and abs(float(nj.lipschitz_bound(ps)) - 1.0) < 1e-3
+    assert lower > 1.5 > product  # the per-layer product is not a bound here
+    assert abs(per_layer - 64.0) < 1e-3
+    exact = float(np.prod([1 + sig[2 * i] * sig[2 * i + 1] for i in range(3)]))
+    assert exact <= cert <= exact * (1 + 1e-3) and abs(cert - 8.0) < 1e-2
+    assert lower <= cert
