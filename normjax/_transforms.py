@@ -240,7 +240,7 @@ def _land(p, u, target, moved, view, c, ok, new_u, sigma):
     """The certified landing: the update that takes ``p`` to ``target`` where ``moved``, rounded as
     ``apply_updates`` will round it, then bounded by Gram iteration (certified) and scaled onto the
     ball with :func:`scaled_update`'s margin where the bound is above ``c``."""
-    u1 = jnp.where(moved, (target - p).astype(u.dtype), u)
+    u1 = jnp.where(moved, (target - p.astype(target.dtype)).astype(u.dtype), u)
     w1 = (p + u1).astype(p.dtype)
     bound, _ = view.sigma(w1, "gram", CERTIFY_GRAM_ITERS)
     scale, _ = spectral_scale(bound, c, "rescale")
@@ -466,7 +466,7 @@ def spectral_norm(
             target = poison(target, ok)
             if certify:
                 return _land(p, u, target, moved, view, c, ok, new_u, sigma)
-            u_new = jnp.where(moved, (target - p).astype(u.dtype), u)
+            u_new = jnp.where(moved, (target - p.astype(target.dtype)).astype(u.dtype), u)
             return u_new, (new_u, sigma.astype(f32), poison(after, ok).astype(f32))
 
         updates, fields = _update_leaves(name, updates, params, leaves_of, update_leaf, old)
