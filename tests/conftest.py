@@ -17,3 +17,6 @@ def np_band(w, axes, lo, hi, rate=1.0):
     target = rate * np.clip(n, lo, hi) + (1 - rate) * n
     scale = np.where(n > 0, target / np.where(n > 0, n, 1), 1.0)
     return x * scale
+
+# a subprocess script of test_multiprocess.py (it joins a jax.distributed run at import)
+collect_ignore = ["_multiprocess_worker.py"]
