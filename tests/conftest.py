@@ -1,6 +1,11 @@
 """Shared helpers for the tests; jax flags are set once in the root conftest.py."""
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 
 def np_unit_norms(w, axes):
@@ -20,3 +25,35 @@ def np_band(w, axes, lo, hi, rate=1.0):
 
 # a subprocess script of test_multiprocess.py (it joins a jax.distributed run at import)
 collect_ignore = ["_multiprocess_worker.py"]
+
+
+# --------------------------------------------------------------------------------------------
+# tests/test_examples.py: its example scripts run in the background while the other tests run.
+# --------------------------------------------------------------------------------------------
+
+EXAMPLES = "test_examples.py"
+_examples = {}  # "runs": the module's ExampleRuns, "dir": where their outputs go
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """test_examples.py runs last, so that its scripts (started with the tests) have had the
+    whole session to run beside the other tests; the order within each part is kept."""
+    items[:] = [item for item in items if item.path.name != EXAMPLES] + [item for item in items if item.path.name == EXAMPLES]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session):
+    """Starts the selected examples (each a process of its own) before the first test runs."""
+    if session.config.option.collectonly:
+        return
+    module = next((item.module for item in session.items if item.path.name == EXAMPLES), None)
+    scripts = module.selected_scripts(session.items) if module is not None else []
+    if scripts:
+        _examples["dir"] = Path(tempfile.mkdtemp(prefix="normjax-examples-"))
+        _examples["runs"] = module.start_in_background(scripts, _examples["dir"])
+
+
+def pytest_sessionfinish(session):
+    if "runs" in _examples:
+        _examples.pop("runs").stop()
+        shutil.rmtree(_examples.pop("dir"), ignore_errors=True)

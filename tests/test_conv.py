@@ -1110,16 +1110,22 @@ def test_torch_layout_matches_torch_conv2d(name):
     exact = _torch_ref(np.asarray(w, np.float64), hw, stride, padding, groups)
     spec = _torch_spec(hw, stride, padding, groups)
     pad = spec.padding
-    call = lambda m: float(  # noqa: E731
-        nj.conv_spectral_norm(w, hw, strides=stride, padding=pad, feature_group_count=groups, kernel_layout="torch", method=m)
-    )
-    np.testing.assert_allclose(call("svd"), exact, rtol=EXACT)
-    np.testing.assert_allclose(call("power"), exact, rtol=1e-4)
-    assert call("gram") >= exact * CERTIFIED
+
+    @quick_jit  # every method and the flax layout in one compile
+    def norms(w):
+        call = lambda m: nj.conv_spectral_norm(  # noqa: E731
+            w, hw, strides=stride, padding=pad, feature_group_count=groups, kernel_layout="torch", method=m
+        )
+        flax_k = jnp.transpose(w, (2, 3, 1, 0))
+        flax_svd = nj.conv_spectral_norm(flax_k, hw, strides=stride, padding=pad, feature_group_count=groups, method="svd")
+        return {m: call(m) for m in ("svd", "power", "gram")} | {"flax_svd": flax_svd}
+
+    got = {k: float(v) for k, v in norms(jnp.asarray(w)).items()}
+    np.testing.assert_allclose(got["svd"], exact, rtol=EXACT)
+    np.testing.assert_allclose(got["power"], exact, rtol=1e-4)
+    assert got["gram"] >= exact * CERTIFIED
     # the same numbers as the flax kernel it permutes to
-    flax_k = jnp.transpose(w, (2, 3, 1, 0))
-    np.testing.assert_allclose(float(nj.conv_spectral_norm(flax_k, hw, strides=stride, padding=pad,
-                                                           feature_group_count=groups, method="svd")), call("svd"), rtol=1e-6)
+    np.testing.assert_allclose(got["flax_svd"], got["svd"], rtol=1e-6)
 
 
 def test_torch_layout_in_the_transform_keeps_the_layout():
@@ -1129,12 +1135,13 @@ def test_torch_layout_in_the_transform_keeps_the_layout():
     assert ref_norm(jnp.transpose(w, (2, 3, 1, 0)), dataclasses.replace(spec, kernel_layout="flax")) > 2 * C
     params = {"conv": {"weight": w, "bias": jnp.ones((3, 1, 1))}, "inside": {"weight": w * 1e-3}}
     rules = {r"weight$": spec}
+    fft = quick_jit(lambda k: nj.conv_spectral_norm(k, (6, 6), padding="CIRCULAR", kernel_layout="torch", method="fft"))
     for estimator, mode in [("gram", "rescale"), ("power", "rescale"), ("svd", "clip")]:
         tx = nj.spectral_norm(C, estimator=estimator, mode=mode, dims=rules, where=r"weight$")
-        upd, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+        upd, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), quick_jit(tx.init)(params), params)
         new = optax.apply_updates(params, upd)
         assert new["conv"]["weight"].shape == w.shape
-        got = float(nj.conv_spectral_norm(new["conv"]["weight"], (6, 6), padding="CIRCULAR", kernel_layout="torch", method="fft"))
+        got = float(fft(new["conv"]["weight"]))
         hi = 1 + (1e-5 if estimator != "power" else 0.02)
         assert got <= C * hi, (estimator, got)
         assert got >= C * (0.9 if estimator == "gram" else 1 - 1e-4), (estimator, got)
@@ -1142,7 +1149,7 @@ def test_torch_layout_in_the_transform_keeps_the_layout():
         np.testing.assert_array_equal(np.asarray(new["inside"]["weight"]), np.asarray(w * 1e-3))
         np.testing.assert_array_equal(np.asarray(new["conv"]["bias"]), np.ones((3, 1, 1)))
     # the pure projection (Fourier clip) returns the torch layout too, and is the transform's result
-    out = nj.project_spectral_norm(params, C, mode="clip", dims=rules, where=r"weight$")
+    out = quick_jit(lambda p: nj.project_spectral_norm(p, C, mode="clip", dims=rules, where=r"weight$"))(params)
     assert out["conv"]["weight"].shape == w.shape
     np.testing.assert_allclose(np.asarray(out["conv"]["weight"]), np.asarray(new["conv"]["weight"]), rtol=1e-6, atol=1e-7)
 

@@ -4,16 +4,22 @@ Convention for examples: each accepts ``--quick`` (a run of a few seconds, also 
 ``NORMJAX_QUICK=1``). New scripts are picked up by the glob below; give them extra arguments and
 checks in ``EXTRA_ARGS`` and ``CHECKS``. Files whose name starts with ``_`` (``_digits.py``) are
 modules the examples share, not examples.
+
+Each script runs in a process of its own, as a user runs it. The runs start in the background
+when the session's tests start (tests/conftest.py), beside the other tests, and this module
+runs last: see ``ExampleRuns``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import math
 import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -258,6 +264,41 @@ def _check_nnx_attention(stdout: str, tmp_path: Path) -> None:
         assert 0 <= f(p, "clipped % last step") <= 100, p
 
 
+def _check_lipschitz_vit(stdout: str, tmp_path: Path) -> None:
+    _check_png(stdout, _png(tmp_path, "lipschitz_vit.py"))
+    example = _import_example("lipschitz_vit.py")
+    f = lambda row, col: float(row[col].rstrip("%"))  # noqa: E731
+    names = list(example.make_runs())
+    rows = {row["run"]: row for row in _table(stdout, "run ")}
+    assert list(rows) == names and len(names) == 3, f"runs {list(rows)}, expected {names}:\n{stdout}"
+    eps_columns = [f"cert {e:g}" for e in example.EPSILONS]
+    for row in rows.values():
+        # The graph certificate (Gram bounds) >= the same composition with exact sigmas, and
+        # >= every Jacobian norm met on the test set (a lower bound on the Lipschitz constant).
+        assert f(row, "L (graph)") >= f(row, "L (exact sigma)") * (1 - 1e-4), row
+        assert f(row, "L (graph)") >= f(row, "max |J|") * (1 - 1e-4), row
+        cert = [f(row, c) for c in eps_columns]
+        assert all(a >= b for a, b in zip(cert, cert[1:])) and cert[0] <= f(row, "test acc"), row
+    a, b, c = rows.values()
+    assert f(a, "L (graph)") > 2.0, a  # unconstrained: every part stretches
+    assert f(c, "L (graph)") <= example.SPECTRAL_BOUND * (1 + 1e-4), c  # certified 1-Lipschitz (graph certificate)
+    assert f(c, "test acc") > 50.0 and f(c, eps_columns[0]) > f(a, eps_columns[0]), (a, c)
+
+    # The certificate's factors (cert.ops): their product is the bound; every block of (c) <= 1.
+    factors = {row["certified factors"]: row for row in _table(stdout, "certified factors")}
+    assert list(factors) == names, factors
+    blocks = [f"block {i}" for i in range(example.DEPTH)]
+    for name, row in factors.items():
+        product = f(row, "embed") * math.prod(f(row, k) for k in blocks) * f(row, "head")
+        assert math.isclose(product, f(row, "product"), rel_tol=1e-3), row
+        assert math.isclose(f(row, "product"), f(rows[name], "L (graph)"), rel_tol=1e-3), (row, rows[name])
+    assert all(f(factors[names[2]], k) <= example.SPECTRAL_BOUND * (1 + 1e-4) for k in blocks), factors[names[2]]
+
+    # Input-dependent attention (q k^T): refused, naming the op and the function.
+    assert "nj.NotCertifiable: lipschitz_certificate: cannot certify dot_general" in stdout, stdout
+    assert "(qk_attention)" in stdout, stdout
+
+
 # Examples that need a package beyond normjax's [examples] extra: skipped (with the reason) if absent.
 NEEDS = {"equinox_cnn.py": "equinox"}
 
@@ -267,6 +308,7 @@ EXTRA_ARGS = {
     "conv_digits.py": lambda tmp_path: ["--out", str(tmp_path / "conv_digits.md")],
     "equinox_cnn.py": lambda tmp_path: ["--out", str(tmp_path / "equinox_cnn.md")],
     "nnx_attention.py": lambda tmp_path: ["--out", str(tmp_path / "nnx_attention.md")],
+    "lipschitz_vit.py": lambda tmp_path: ["--out", str(_png(tmp_path, "lipschitz_vit.py"))],
 }
 CHECKS = {
     "maxnorm_digits.py": _check_maxnorm_digits,
@@ -274,23 +316,124 @@ CHECKS = {
     "conv_digits.py": _check_conv_digits,
     "equinox_cnn.py": _check_equinox_cnn,
     "nnx_attention.py": _check_nnx_attention,
+    "lipschitz_vit.py": _check_lipschitz_vit,
 }
+
+
+def _missing(script: Path) -> str | None:
+    """The package ``script`` needs and that is not installed, if any."""
+    module = NEEDS.get(script.name)
+    return module if module and importlib.util.find_spec(module) is None else None
+
+
+class ExampleRuns:
+    """Runs examples, each in its own process as a user runs it, on worker threads.
+
+    An example is mostly single-threaded XLA compilation, so its run can share the machine with
+    the rest of the session: tests/conftest.py starts the selected examples in the background
+    when the session's tests start (``os.cpu_count() - 1`` workers, at least one) and runs this
+    module last; its tests then add workers up to ``os.cpu_count()`` (at least 2) and wait for
+    each run's result. Each run keeps its own ``TIMEOUT_S``, counted from its own start.
+    """
+
+    def __init__(self, scripts: list[Path], out_root: Path):
+        self.pending = [s for s in scripts if _missing(s) is None]
+        self.results = {s.name: concurrent.futures.Future() for s in self.pending}
+        self.out_dirs = {s.name: out_root / s.stem for s in self.pending}
+        self.running: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.workers = 0
+
+    def add_workers(self, n: int) -> None:
+        """Runs up to ``n`` examples at a time from now on."""
+        with self.lock:
+            extra, self.workers = max(0, n - self.workers), max(n, self.workers)
+        for _ in range(extra):
+            threading.Thread(target=self._work, daemon=True).start()
+
+    def stop(self) -> None:
+        """The session is over: nothing more starts, and a run still going is killed."""
+        with self.lock:
+            for script in self.pending:
+                self.results[script.name].cancel()
+            self.pending = []
+            for proc in self.running:
+                proc.kill()
+
+    def _run(self, script: Path) -> subprocess.CompletedProcess:
+        """``subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT_S)``, killable by stop()."""
+        out_dir = self.out_dirs[script.name]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        args = [sys.executable, str(script), "--quick", *EXTRA_ARGS.get(script.name, lambda _: [])(out_dir)]
+        with subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+            with self.lock:
+                self.running.add(proc)
+            try:
+                stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                raise
+            finally:
+                with self.lock:
+                    self.running.discard(proc)
+        return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+    def _work(self) -> None:
+        while True:
+            with self.lock:
+                if not self.pending:
+                    return
+                script = self.pending.pop(0)
+            result = self.results[script.name]
+            if not result.set_running_or_notify_cancel():
+                continue
+            try:
+                result.set_result(self._run(script))
+            except BaseException as exc:  # noqa: BLE001 - handed to the test that waits for it
+                result.set_exception(exc)
+
+
+_RUNS: ExampleRuns | None = None
+
+
+def selected_scripts(items) -> list[Path]:
+    """The scripts whose test_example_runs is among the session's ``items``."""
+    names = {item.callspec.params["script"].name for item in items if getattr(item, "originalname", "") == "test_example_runs"}
+    return [s for s in SCRIPTS if s.name in names]
+
+
+def start_in_background(scripts: list[Path], out_root: Path) -> ExampleRuns:
+    """Starts ``scripts`` now, beside the session's other tests (tests/conftest.py calls this)."""
+    global _RUNS
+    if _RUNS is None:
+        _RUNS = ExampleRuns(scripts, out_root)
+        _RUNS.add_workers(max(1, (os.cpu_count() or 2) - 1))
+    return _RUNS
+
+
+@pytest.fixture(scope="module")
+def example_runs(request, tmp_path_factory) -> ExampleRuns:
+    """The runs tests/conftest.py started (started here if it did not), at full width now."""
+    runs = _RUNS or start_in_background(selected_scripts(request.session.items), tmp_path_factory.mktemp("examples"))
+    runs.add_workers(max(2, os.cpu_count() or 1))
+    return runs
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
-def test_example_runs(script: Path, tmp_path: Path) -> None:
-    if (module := NEEDS.get(script.name)) and importlib.util.find_spec(module) is None:
+def test_example_runs(script: Path, example_runs: ExampleRuns) -> None:
+    if module := _missing(script):
         pytest.skip(f"{script.name} needs {module}, which is not installed")
-    args = [sys.executable, str(script), "--quick", *EXTRA_ARGS.get(script.name, lambda _: [])(tmp_path)]
-    proc = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = example_runs.results[script.name].result()
     assert proc.returncode == 0, f"{script.name} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
     if check := CHECKS.get(script.name):
-        check(proc.stdout, tmp_path)
+        check(proc.stdout, example_runs.out_dirs[script.name])
 
 
 def test_examples_found() -> None:
     names = {s.name for s in SCRIPTS}
-    assert {"maxnorm_digits.py", "spectral_digits.py", "conv_digits.py", "equinox_cnn.py", "nnx_attention.py"} <= names
+    assert {"maxnorm_digits.py", "spectral_digits.py", "conv_digits.py", "equinox_cnn.py", "nnx_attention.py",
+            "lipschitz_vit.py"} <= names
     assert not any(name.startswith("_") for name in names), names  # _digits.py is shared code
     assert set(CHECKS) <= names and set(EXTRA_ARGS) <= names and set(NEEDS) <= names

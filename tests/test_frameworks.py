@@ -112,7 +112,7 @@ def test_flax_linen_cnn_scan_and_attention_certified(dtype):
 
     net = Net()
     x = jnp.ones((2, 8, 8, 1), dtype)
-    params = net.init(jax.random.key(0), x)
+    params = jax.jit(net.init)(jax.random.key(0), x)  # one compile, not one per initialiser
     views = nj.infer_views(net.apply, params, x)
     got = nj.by_path(views)
     assert got["params/Conv_0/kernel"] == nj.ConvSpec((8, 8), strides=(2, 2), padding="CIRCULAR", kernel_dilation=(1, 1), kernel_layout="HWIO", input_dilation=(1, 1))
@@ -131,18 +131,18 @@ def test_flax_linen_cnn_scan_and_attention_certified(dtype):
             k = jnp.asarray(p[path], jnp.float32)
             fields = dict(strides=view.strides, padding=view.padding, kernel_dilation=view.kernel_dilation,
                           feature_group_count=view.feature_group_count, kernel_layout=view.kernel_layout)
-            exact = float(nj.conv_spectral_norm(k, view.input_shape, method="svd", **fields))
+            exact = float(jax.jit(lambda k: nj.conv_spectral_norm(k, view.input_shape, method="svd", **fields))(k))
             assert exact <= C * (1 + tol), path
         elif isinstance(view, nj.MatrixDims):
             batch = tuple(a for a in range(p[path].ndim) if a not in view.in_axes + view.out_axes)
             assert np.all(np_sigma(p[path], view.in_axes, view.out_axes, batch) <= C * (1 + tol)), path
         else:  # biases: the update passed through bit for bit
             np.testing.assert_array_equal(np.asarray(p[path], np.float32), np.asarray(nj.by_path(params)[path] * 3, np.float32))
-    bound = float(nj.lipschitz_bound(new, views=views))
+    bound = float(jax.jit(lambda p: nj.lipschitz_bound(p, views=views))(new))
     assert bound <= (1 + tol) ** 7  # 2 convs, 1 dense, 3 stacked layers, 1 head
     # the certificate is a real bound on the network's Jacobian (ReLU is 1-Lipschitz)
     f = lambda xx: net.apply(new, xx.astype(dtype)[None])[0].astype(jnp.float32)
-    jac = jax.jacobian(f)(jnp.asarray(np.random.default_rng(1).normal(size=(8, 8, 1)), jnp.float32))
+    jac = jax.jit(jax.jacobian(f))(jnp.asarray(np.random.default_rng(1).normal(size=(8, 8, 1)), jnp.float32))
     assert np.linalg.norm(np.asarray(jac, np.float64).reshape(2, -1), ord=2) <= bound * (1 + 4 * tol)
 
 
@@ -173,17 +173,17 @@ def test_equinox_cnn_max_norm_and_operator_norm(dtype):
     big = jax.tree.map(lambda w: w * 5, params)
     tol = TOL[dtype]
     # max-norm: every output channel's fan-in (in, kh, kw) of an OIHW kernel, every row of (out, in)
-    out = nj.project_max_norm(big, C, views=views)
+    out = eqx.filter_jit(lambda b: nj.project_max_norm(b, C, views=views))(big)
     assert np.max(np_fan_in(out[0].weight, (1, 2, 3))) <= C * (1 + tol)
     assert np.max(np_fan_in(out[1].weight, (1, 2, 3))) <= C * (1 + tol)
     assert np.max(np_fan_in(out[2].weight, (1,))) <= C * (1 + tol)
     np.testing.assert_array_equal(np.asarray(out[0].bias, np.float32), np.asarray(big[0].bias, np.float32))
     # spectral: the convolutions' operator norms, not their reshaped kernels
-    out = nj.project_spectral_norm(big, C, mode="rescale", views=views)
+    out = eqx.filter_jit(lambda b: nj.project_spectral_norm(b, C, mode="rescale", views=views))(big)
     for i in (0, 1):
         spec = got[f"{i}/weight"]
-        exact = nj.conv_spectral_norm(jnp.asarray(out[i].weight, jnp.float32), spec.input_shape, strides=spec.strides,
-                                      padding=spec.padding, kernel_layout="OIHW", method="svd")
+        exact = jax.jit(lambda w: nj.conv_spectral_norm(w, spec.input_shape, strides=spec.strides, padding=spec.padding,
+                                                        kernel_layout="OIHW", method="svd"))(jnp.asarray(out[i].weight, jnp.float32))
         assert float(exact) <= C * (1 + tol) and float(exact) >= C * (1 - 2 * tol)
     assert float(np_sigma(out[2].weight, (1,), (0,))[0]) <= C * (1 + tol)
 
@@ -209,9 +209,9 @@ def test_plain_jax_vmap_and_scan_stacks_one_norm_per_layer():
     views = nj.infer_views(net, p, x)
     assert views["par_w"] == nj.MatrixDims((1,), (2,)) and views["seq_w"] == nj.MatrixDims((1,), (2,))
     assert isinstance(views["seq_b"], nj.NotMatrix) and isinstance(views["par_b"], nj.NotMatrix)
-    out = nj.project_spectral_norm(p, C, views=views)  # exact clip, one per stacked layer
+    out, sig = jax.jit(lambda p: (nj.project_spectral_norm(p, C, views=views),  # exact clip, one per stacked layer
+                                  nj.spectral_norms(p, estimator="svd", views=views)))(p)
     for k in ("par_w", "seq_w"):
         s = np_sigma(out[k], (1,), (2,), (0,))
         np.testing.assert_allclose(s, np.minimum(np_sigma(p[k], (1,), (2,), (0,)), C), rtol=1e-5)
-    sig = nj.spectral_norms(p, estimator="svd", views=views)
     assert sig["seq_w"].shape == (3,) and sig["seq_b"] is None

@@ -104,17 +104,18 @@ def test_gram_never_below_svd_on_tall_wide_and_rank_one(num_iters):
     cases = [np.ones((1, 30000, 2)), np.ones((1, 500, 2)), np.ones((1, 2, 500))]
     cases += [rng.normal(size=(16, 3000, 1)) * rng.normal(size=(16, 1, 3))]
     cases += [np.swapaxes(rng.normal(size=(16, 200, 1)) * rng.normal(size=(16, 1, 64)), 1, 2)]
+    gram = jax.jit(functools.partial(nj.sigma_gram, num_iters=num_iters, dims=STACK))  # one compile per shape
     for m in cases:
         m = np.asarray(m, np.float32)
         ref = np_sigma(m)
-        got = np.asarray(nj.sigma_gram(jnp.asarray(m), num_iters=num_iters, dims=STACK), np.float64)
+        got = np.asarray(gram(jnp.asarray(m)), np.float64)
         assert np.all(got >= ref), (m.shape, np.min(got / ref - 1))
         r, c = m.shape[-2:]
         worst = N.gram_margin(min(r, c), np.float32, inner=max(r, c), num_iters=num_iters)
         loose = min(r, c) ** 0.5 ** (num_iters + 1)
         assert np.all(got <= ref * loose * (1 + worst)), (m.shape, np.max(got / ref - 1))
     m = np.ones((30000, 2), np.float32)
-    assert float(nj.sigma_gram(jnp.asarray(m))) >= np.sqrt(60000.0)
+    assert float(jax.jit(nj.sigma_gram)(jnp.asarray(m))) >= np.sqrt(60000.0)
 
 
 def test_frobenius_norm_rounded_up():
@@ -190,13 +191,17 @@ def test_subnormal_entries_keep_the_bound_certified():
     tiny = TINY[F32]
     w = np.asarray(np.full((3, 2), tiny / 3) * np.array([1.0, -0.5]), np.float32)  # all subnormal
     assert np.all(np.abs(w) < tiny) and np.all(w != 0)
-    ref = np_sigma(w)
-    assert float(nj.sigma_gram(jnp.asarray(w))) >= ref > 0
     mixed = np.asarray(np.diag([tiny, tiny * 0.75]), np.float32)  # one normal, one subnormal entry
-    assert float(nj.sigma_gram(jnp.asarray(mixed))) >= np_sigma(mixed)
     k = np.asarray(np.full((3, 1, 1), tiny / 4), np.float32)
     spec = ConvSpec((8,), padding="CIRCULAR")
-    assert float(conv_sigma_gram(jnp.asarray(k), spec)) >= 3 * float(k[0, 0, 0]) > 0
+    # one compile; the arrays are arguments, never constants folded at compile time
+    got_w, got_mixed, got_k = (float(v) for v in jax.jit(
+        lambda w, mixed, k: (nj.sigma_gram(w), nj.sigma_gram(mixed), conv_sigma_gram(k, spec))
+    )(jnp.asarray(w), jnp.asarray(mixed), jnp.asarray(k)))
+    ref = np_sigma(w)
+    assert got_w >= ref > 0
+    assert got_mixed >= np_sigma(mixed)
+    assert got_k >= 3 * float(k[0, 0, 0]) > 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,14 +253,20 @@ def test_estimators_at_extreme_magnitudes(k):
     np.testing.assert_allclose(out["same_svd"], same, rtol=4e-6, atol=flushed)
 
 
+@jax.jit
+def _eye_estimates(e, k):
+    power = nj.sigma_power(e, nj.init_power_vector(jax.random.key(1), e), num_iters=3)[0]
+    return nj.sigma_gram(e), power, conv_sigma_gram(k, CIRC)
+
+
 def test_one_e20_eye():
-    for scale in (1e20, 1e-20):
+    for scale in (1e20, 1e-20):  # both through one compile: the arrays are arguments
         e = jnp.asarray(scale * np.eye(2), F32)
-        assert float(nj.sigma_gram(e)) >= float(np.float32(scale))
-        s = float(nj.sigma_power(e, nj.init_power_vector(jax.random.key(1), e), num_iters=3)[0])
-        assert s == pytest.approx(float(np.float32(scale)), rel=1e-6)
         k = jnp.asarray(scale * np.ones((3, 1, 1)), F32)
-        assert float(conv_sigma_gram(k, CIRC)) >= 3 * float(np.float32(scale))
+        gram, s, kgram = (float(v) for v in _eye_estimates(e, k))
+        assert gram >= float(np.float32(scale))
+        assert s == pytest.approx(float(np.float32(scale)), rel=1e-6)
+        assert kgram >= 3 * float(np.float32(scale))
 
 
 def test_max_norm_of_huge_units():

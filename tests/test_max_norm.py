@@ -20,6 +20,18 @@ SHAPES = {
 }
 TOL = {jnp.float32: 1e-6, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
 
+# The projections under jax.jit, as a training step runs them (the eager path has its own test,
+# VariantsTest's without_jit): one compile per shape and dtype, where an eager call compiles
+# each of its ~25 primitives on its own for every new shape (several times slower).
+_max_norm = jax.jit(nj.project_max_norm, static_argnames=("max_value", "axis"))
+RATES = (1.0, 0.3)
+
+
+@jax.jit
+def _unit_and_min_max(w):
+    """project_unit_norm and project_min_max_norm(0.5, 1.5) at every rate of RATES, one program."""
+    return nj.project_unit_norm({"k": w})["k"], [nj.project_min_max_norm({"k": w}, 0.5, 1.5, rate=r)["k"] for r in RATES]
+
 
 def _data(shape, dtype, seed=0, scale=2.0):
     """Random weights whose units straddle the bounds used below: some inside, some outside."""
@@ -35,7 +47,7 @@ class ClosedFormTest(parameterized.TestCase):
         shape, axes = SHAPES[shape]
         w = _data(shape, dtype)
         c = 1.0
-        out = nj.project_max_norm({"k": w}, c)["k"]
+        out = _max_norm({"k": w}, max_value=c)["k"]
         self.assertEqual(out.dtype, w.dtype)
         chex.assert_trees_all_close(
             np.asarray(out, np.float64), np_band(w, axes, None, c), rtol=TOL[dtype], atol=TOL[dtype]
@@ -51,11 +63,10 @@ class ClosedFormTest(parameterized.TestCase):
         shape, axes = SHAPES[shape]
         w = _data(shape, dtype, seed=1)
         tol = TOL[dtype]
-        unit = nj.project_unit_norm({"k": w})["k"]
+        unit, min_max = _unit_and_min_max(w)
         chex.assert_trees_all_close(np.asarray(unit, np.float64), np_band(w, axes, 1.0, 1.0), rtol=tol, atol=tol)
         np.testing.assert_allclose(np_unit_norms(unit, axes), 1.0, rtol=4 * tol)
-        for rate in (1.0, 0.3):
-            mm = nj.project_min_max_norm({"k": w}, 0.5, 1.5, rate=rate)["k"]
+        for rate, mm in zip(RATES, min_max):
             self.assertEqual(mm.dtype, w.dtype)
             chex.assert_trees_all_close(
                 np.asarray(mm, np.float64), np_band(w, axes, 0.5, 1.5, rate), rtol=tol, atol=tol
@@ -64,7 +75,7 @@ class ClosedFormTest(parameterized.TestCase):
     def test_embedding_rows_like_torch(self):
         # torch.nn.Embedding(max_norm=c) renormalises each looked-up row to norm <= c.
         table = jnp.asarray(np.random.default_rng(2).normal(size=(30, 8)) * 0.4, jnp.float32)
-        out = nj.project_max_norm({"embed": {"embedding": table}}, 1.0, axis=-1)["embed"]["embedding"]
+        out = _max_norm({"embed": {"embedding": table}}, max_value=1.0, axis=-1)["embed"]["embedding"]
         rows = np.linalg.norm(np.asarray(table, np.float64), axis=1)
         np.testing.assert_allclose(np.linalg.norm(np.asarray(out, np.float64), axis=1), np.minimum(rows, 1.0), rtol=1e-6)
         self.assertTrue(0 < np.mean(rows < 1) < 1)
@@ -74,16 +85,20 @@ class ClosedFormTest(parameterized.TestCase):
         # Keras's MaxNorm(axis=0) on a (h, w, in, out) kernel bounds vectors along the kernel's
         # height; our default bounds each output filter's whole fan-in, as Keras's docs advise.
         w = _data((3, 3, 4, 6), jnp.float32, seed=3, scale=4.0)
-        ours = nj.project_max_norm({"k": w}, 1.0)["k"]
-        keras_default = nj.project_max_norm({"k": w}, 1.0, axis=0)["k"]
-        keras_advised = nj.project_max_norm({"k": w}, 1.0, axis=[0, 1, 2])["k"]
+        ours, keras_default, keras_advised = jax.jit(
+            lambda p: (
+                nj.project_max_norm(p, 1.0)["k"],
+                nj.project_max_norm(p, 1.0, axis=0)["k"],
+                nj.project_max_norm(p, 1.0, axis=[0, 1, 2])["k"],
+            )
+        )({"k": w})
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(keras_advised))
         self.assertGreater(np.max(np_unit_norms(keras_default, (0, 1, 2))), 1.5)
 
     def test_float64(self):
         with jax.enable_x64(True):
             w = jnp.asarray(np.random.default_rng(4).normal(size=(9, 5)) * 2, jnp.float64)
-            out = nj.project_max_norm({"k": w}, 1.0)["k"]
+            out = _max_norm({"k": w}, max_value=1.0)["k"]
             self.assertEqual(out.dtype, jnp.float64)
             np.testing.assert_allclose(np.asarray(out), np_band(w, (0,), None, 1.0), rtol=1e-13)
 
@@ -124,12 +139,18 @@ class ZeroAndGradTest(parameterized.TestCase):
             "unit": nj.project_unit_norm,
             "minmax": lambda p: nj.project_min_max_norm(p, 0.5, 2.0),
         }[kind]
-        out = proj({"k": w})["k"]
+
+        @jax.jit  # one compile for the projection and both gradients
+        def run(w, zeros):
+            out = proj({"k": w})["k"]
+            g = jax.grad(lambda x: jnp.sum(proj({"k": x})["k"] ** 2))(w)
+            g0 = jax.grad(lambda x: jnp.sum(proj({"k": x})["k"]))(zeros)
+            return out, g, g0
+
+        out, g, g0 = run(w, jnp.zeros((4, 3)))
         np.testing.assert_array_equal(out[:, 1:], 0.0)
-        g = jax.grad(lambda x: jnp.sum(proj({"k": x})["k"] ** 2))(w)
         self.assertTrue(bool(jnp.all(jnp.isfinite(g))))
         # an all-zero tensor too
-        g0 = jax.grad(lambda x: jnp.sum(proj({"k": x})["k"]))(jnp.zeros((4, 3)))
         self.assertTrue(bool(jnp.all(jnp.isfinite(g0))))
 
     def test_grad_matches_finite_differences(self):
@@ -137,10 +158,9 @@ class ZeroAndGradTest(parameterized.TestCase):
         f = lambda x: jnp.sum(jnp.sin(nj.project_max_norm({"k": x}, 1.0)["k"]))
         with jax.enable_x64(True):
             w64 = jnp.asarray(w, jnp.float64)
-            g = jax.grad(f)(w64)
             v = jnp.asarray(np.random.default_rng(8).normal(size=w.shape))
             eps = 1e-6
-            fd = (f(w64 + eps * v) - f(w64 - eps * v)) / (2 * eps)
+            g, fd = jax.jit(lambda w, v: (jax.grad(f)(w), (f(w + eps * v) - f(w - eps * v)) / (2 * eps)))(w64, v)
             np.testing.assert_allclose(float(jnp.vdot(g, v)), float(fd), rtol=1e-6)
 
 

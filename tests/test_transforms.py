@@ -32,8 +32,10 @@ def _grads(params, seed=1, scale=1.0):
 
 
 def _step(tx, params, grads, state=None):
+    """One step, the update under jax.jit as a training step runs it (one compile, where an
+    eager update compiles each of its primitives on its own for every new shape)."""
     state = tx.init(params) if state is None else state
-    u, state = tx.update(grads, state, params)
+    u, state = jax.jit(tx.update)(grads, state, params)
     return optax.apply_updates(params, u), u, state
 
 
@@ -132,7 +134,7 @@ def test_masked_and_none_leaves():
     # the inner transform saw optax.MaskedNode leaves and passed them through
     inner = nj.max_norm(0.1)
     masked = {"a": optax.MaskedNode(), "w": jnp.ones((3, 2)) * 5}
-    out, _ = inner.update(masked, inner.init(masked), masked)
+    out, _ = jax.jit(inner.update)(masked, inner.init(masked), masked)
     assert isinstance(out["a"], optax.MaskedNode)
 
 
@@ -172,9 +174,10 @@ def _multisteps():
     params = _params()
     tx = optax.MultiSteps(optax.chain(optax.sgd(1.0), nj.max_norm(0.5)), every_k_schedule=2)
     state = tx.init(params)
+    update = jax.jit(tx.update)
     p = params
     for i in range(2):
-        u, state = tx.update(_grads(params, seed=i), state, p)
+        u, state = update(_grads(params, seed=i), state, p)
         p = optax.apply_updates(p, u)
         if i == 0:
             np.testing.assert_array_equal(np.asarray(p["dense"]["kernel"]), np.asarray(params["dense"]["kernel"]))
@@ -230,7 +233,7 @@ def test_where_forms(where, selected):
     tx = nj.max_norm(1e-3, where=where, axis=lambda path, x: None if x.ndim >= 2 else 0)
     assert set(nj.by_path(tx.init(params).largest_norm)) == selected
     grads = _grads(params)
-    u, _ = tx.update(grads, tx.init(params), params)
+    u, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     got_by_path = {nj.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(u)}
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         name = nj.path_str(path)

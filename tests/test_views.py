@@ -79,6 +79,12 @@ MATRICES = {
 }
 
 
+@jax.jit
+def _torch_conv_svd(weight):
+    """The exact operator norm of an (out, in, kh, kw) kernel on 6x6 inputs: one compile."""
+    return nj.conv_spectral_norm(weight, (6, 6), kernel_layout="torch", method="svd")
+
+
 def test_max_norm_with_views_bounds_every_layouts_fan_in():
     params, views = _zoo()
     c = 1.0
@@ -122,7 +128,7 @@ def test_spectral_norm_with_views_one_sigma_per_true_matrix(estimator):
     params, views = _zoo()
     c = 1.0
     tx = optax.chain(optax.sgd(1.0), nj.spectral_norm(c, estimator=estimator, num_iters=None if estimator != "power" else 4, views=views))
-    state = tx.init(params)
+    state = jax.jit(tx.init)(params)  # power: 30 iterations from random vectors, one compile
     zeros = jax.tree.map(jnp.zeros_like, params)
     step = jax.jit(tx.update)
     p = params
@@ -136,7 +142,7 @@ def test_spectral_norm_with_views_one_sigma_per_true_matrix(estimator):
         assert np.all(s <= c * (1 + tol)), (path, s)
         assert np.all(s >= 0.5 * c), path  # each matrix scaled once, by its own sigma
     # the Equinox conv: the operator norm of the convolution (exact reference from its Jacobian)
-    conv = nj.conv_spectral_norm(got["eqx_conv/weight"], (6, 6), kernel_layout="torch", method="svd")
+    conv = _torch_conv_svd(got["eqx_conv/weight"])
     assert float(conv) <= c * (1 + tol)
     logged = nj.by_path(state[1].sigma)
     assert logged["stack/kernel"].shape == (4,) and logged["attn_q/kernel"].shape == ()
@@ -148,13 +154,13 @@ def test_spectral_norm_with_views_one_sigma_per_true_matrix(estimator):
 def test_lipschitz_bound_with_views_skips_biases_and_embeddings():
     params, views = _zoo()
     del params["embed"], views["embed"]
-    bound = float(nj.lipschitz_bound(params, estimator="svd", views=views))
+    bound = float(jax.jit(lambda p: nj.lipschitz_bound(p, estimator="svd", views=views))(params))
     expect = 1.0
     for path, (b, r, cc) in MATRICES.items():
         if path.startswith("embed"):
             continue
         expect *= np.prod(np_sigmas(nj.by_path(params)[path], b, r, cc))
-    expect *= float(nj.conv_spectral_norm(params["eqx_conv"]["weight"], (6, 6), kernel_layout="torch", method="svd"))
+    expect *= float(_torch_conv_svd(params["eqx_conv"]["weight"]))
     np.testing.assert_allclose(bound, expect, rtol=1e-5)
     assert bound >= expect * (1 - 1e-7)
 
@@ -168,10 +174,10 @@ def test_equinox_linear_units_are_the_jacobian_rows():
     params = eqx.tree_at(lambda m: m.weight, params, params.weight * 3)
     views = jax.tree.map(lambda _: nj.NotMatrix("bias"), params)
     views = eqx.tree_at(lambda m: m.weight, views, nj.MatrixDims(1, 0))
-    new = nj.project_max_norm(params, 1.0, views=views)
+    new = jax.jit(lambda p: nj.project_max_norm(p, 1.0, views=views))(params)
     with jax.enable_x64(True):
         layer64 = jax.tree.map(lambda x: jnp.asarray(np.asarray(x, np.float64)) if eqx.is_array(x) else x, eqx.combine(new, static))
-        jac = np.asarray(jax.jacobian(layer64)(jnp.zeros(5, jnp.float64)))  # (7, 5): row i = unit i's fan-in
+        jac = np.asarray(eqx.filter_jit(lambda m, z: jax.jacobian(m)(z))(layer64, jnp.zeros(5, jnp.float64)))  # (7, 5): row i = unit i's fan-in
     np.testing.assert_allclose(np.linalg.norm(jac, axis=1), np.minimum(np_norms(params.weight, (1,)), 1.0), rtol=2e-6)
     np.testing.assert_array_equal(np.asarray(new.bias), np.asarray(params.bias))
 
@@ -203,11 +209,11 @@ def test_state_shaped_like_params_no_collisions():
     w1 = 3.0 * jnp.eye(3)
     w2 = jnp.diag(jnp.array([5.0, 1.0, 1.0]))
     params = {"a/w": w1, "a": {"w": w2}}
-    assert float(nj.lipschitz_bound(params, estimator="svd")) == pytest.approx(15.0, rel=1e-5)
+    assert float(jax.jit(lambda p: nj.lipschitz_bound(p, estimator="svd"))(params)) == pytest.approx(15.0, rel=1e-5)
     tx = nj.spectral_norm(1.0, estimator="power")
-    state = tx.init(params)
+    state = jax.jit(tx.init)(params)
     chex.assert_trees_all_equal_structs(state.sigma, jax.tree.map(lambda x: jnp.zeros(()), params))
-    u, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    u, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), state, params)
     assert float(state.sigma["a/w"]) == pytest.approx(3.0, rel=1e-4)
     assert float(state.sigma["a"]["w"]) == pytest.approx(5.0, rel=1e-4)
     with pytest.raises(ValueError, match="two leaves are both written 'a/w'"):
@@ -218,7 +224,7 @@ def test_state_keeps_structure_with_none_updates_in_a_scan():
     """A frozen leaf (update None) keeps its old state entry, so the state is a valid lax.scan carry."""
     params = {"frozen": f32(4, 4, scale=3.0), "live": f32(4, 4, scale=3.0), "bias": f32(4)}
     for tx in (nj.max_norm(1.0), nj.spectral_norm(1.0), nj.spectral_norm(1.0, estimator="gram")):
-        state0 = tx.init(params)
+        state0 = jax.jit(tx.init)(params)
 
         def body(carry, g):
             p, s = carry
@@ -250,7 +256,7 @@ def test_default_selection_skips_bias_b_scale_names():
         np.testing.assert_array_equal(np.asarray(nj.by_path(out)[path]), np.asarray(nj.by_path(params)[path]))
     assert np_norms(out["mha"]["w"], (0,)).max() <= 1 + 1e-6
     # explicitly selecting one by where= still works (the user asked for it)
-    out = nj.project_max_norm(params, 1.0, where="ln/scale")
+    out = jax.jit(lambda p: nj.project_max_norm(p, 1.0, where="ln/scale"))(params)
     assert np_norms(out["ln"]["scale"], (0,)).max() <= 1 + 1e-6
     # lipschitz_bound: a 3-D kernel left to the default view is refused, naming it
     with pytest.raises(ValueError, match="'scan/kernel' of shape \\(3, 4, 4\\) has no convolution or explicit matrix view"):
@@ -259,31 +265,36 @@ def test_default_selection_skips_bias_b_scale_names():
         nj.lipschitz_bound({"e": f32(5, 3)}, views={"e": nj.Embedding(0)})
 
 
+# The bound is a traced argument, so both bad values below run the same compiled programs.
+TRACED_BOUND_TXS = {
+    "max_norm": optax.inject_hyperparams(nj.max_norm)(max_value=1.0),
+    "min_max_norm": optax.inject_hyperparams(nj.min_max_norm)(min_value=0.5, max_value=1.0),
+    "spectral_rescale": optax.inject_hyperparams(nj.spectral_norm)(max_value=1.0, estimator="svd"),
+    "spectral_clip": optax.inject_hyperparams(nj.spectral_norm)(max_value=1.0, estimator="svd", mode="clip"),
+}
+TRACED_BOUND_UPDATES = {name: jax.jit(tx.update) for name, tx in TRACED_BOUND_TXS.items()}
+TRACED_BOUND_PROJECTIONS = [
+    jax.jit(lambda p, c: nj.project_max_norm(p, c)),
+    jax.jit(lambda p, c: nj.project_spectral_norm(p, c, mode="rescale")),
+    jax.jit(lambda p, c: nj.project_spectral_norm(p, c, mode="clip")),
+]
+
+
 @pytest.mark.parametrize("bad", [-1.0, float("nan")])
 def test_traced_bound_without_a_projection_poisons_instead_of_flipping_signs(bad):
     """Under jit or inject_hyperparams a bound is only known at run time: a negative or NaN one
     has no projection, so the constrained leaves turn NaN (never a sign flip, never a no-op)."""
     params = {"w": f32(4, 3, scale=2.0), "bias": f32(3)}
     zeros = jax.tree.map(jnp.zeros_like, params)
-    cases = {
-        "max_norm": optax.inject_hyperparams(nj.max_norm)(max_value=1.0),
-        "min_max_norm": optax.inject_hyperparams(nj.min_max_norm)(min_value=0.5, max_value=1.0),
-        "spectral_rescale": optax.inject_hyperparams(nj.spectral_norm)(max_value=1.0, estimator="svd"),
-        "spectral_clip": optax.inject_hyperparams(nj.spectral_norm)(max_value=1.0, estimator="svd", mode="clip"),
-    }
-    for name, tx in cases.items():
+    for name, tx in TRACED_BOUND_TXS.items():
         state = tx.init(params)
         state.hyperparams["max_value"] = jnp.asarray(bad)
-        u, state = jax.jit(tx.update)(zeros, state, params)
+        u, state = TRACED_BOUND_UPDATES[name](zeros, state, params)
         new = optax.apply_updates(params, u)
         assert np.all(np.isnan(np.asarray(new["w"]))), name
         np.testing.assert_array_equal(np.asarray(new["bias"]), np.asarray(params["bias"]))
-    for proj in (
-        lambda c: nj.project_max_norm(params, c),
-        lambda c: nj.project_spectral_norm(params, c, mode="rescale"),
-        lambda c: nj.project_spectral_norm(params, c, mode="clip"),
-    ):
-        out = jax.jit(proj)(jnp.asarray(bad))
+    for proj in TRACED_BOUND_PROJECTIONS:
+        out = proj(params, jnp.asarray(bad))
         assert np.all(np.isnan(np.asarray(out["w"])))
 
 
@@ -309,11 +320,12 @@ def test_lipschitz_bound_product_rounds_up():
     below the exact product of those factors; the bound is rounded up so it never does."""
     rng = np.random.default_rng(3)
     below = 0
+    bound_of = jax.jit(lambda p: nj.lipschitz_bound(p, estimator="svd"))  # one compile for all trials
     for trial in range(20):
         sig = rng.uniform(0.5, 2.0, size=40).astype(np.float32)
-        params = {f"l{i}": {"kernel": jnp.diag(jnp.asarray([s, s / 2], jnp.float32))} for i, s in enumerate(sig)}
+        params = {f"l{i}": {"kernel": jnp.asarray(np.diag([s, s / 2]).astype(np.float32))} for i, s in enumerate(sig)}
         exact = float(np.prod(sig.astype(np.float64)))  # the factors are exact: sigma of diag(s, s/2) is s
-        bound = float(nj.lipschitz_bound(params, estimator="svd"))
+        bound = float(bound_of(params))
         assert bound >= exact, (trial, bound, exact)
         assert bound <= exact * (1 + 45 * 2.0**-23)
         below += float(np.prod(sig)) < exact  # what a plain float32 product gives
