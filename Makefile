@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test bench tpu-check clean
+.PHONY: demo test bench tpu-check tpu-bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ demo: $(VENV)/.test-deps
 	$(PY) examples/lipschitz_vit.py
 
 test: $(VENV)/.test-deps
-	$(PY) -m pytest -q
+	$(PY) tests/parallel.py
 
 bench: $(VENV)/.bench-deps
 	$(PY) benchmarks/bench_maxnorm.py
@@ -36,16 +36,16 @@ bench: $(VENV)/.bench-deps
 	$(PY) benchmarks/bench_matmul.py
 	$(PY) benchmarks/power_tracking.py
 
-# make tpu-check: compile every update step for one TPU v5e chip on this CPU-only machine
-# (tests/test_tpu_aot.py, then benchmarks/tpu_aot.py, which rewrites its RESULTS.md block).
-# libtpu (a ~210 MB wheel; the version jax's `tpu` extra pins for the installed jax) goes to
-# its own folder, not site-packages: importable, it is loaded by every jax process that does
-# not set JAX_PLATFORMS=cpu (make demo, make bench), which then logs TPU errors and holds
-# /tmp/libtpu_lockfile. TPU_LIBRARY_PATH points jax at it; an importable libtpu (pip install
-# 'jax[tpu]') works too. Only one process can load libtpu at a time. On 2 cores the tests take
-# about 3 minutes, the benchmark over an hour (the matmul modes' HIGHEST-precision matmuls take
-# the TPU compiler 10-20 minutes each at GPT-2 size); TPU_AOT_ARGS passes options to it, e.g.
-# make tpu-check TPU_AOT_ARGS='--timeout 300'.
+# make tpu-check: compile every update step for one TPU v5e chip on this CPU-only machine and
+# check what it compiled to (tests/test_tpu_aot.py; about 30 s on 2 cores); make tpu-bench then
+# records compile time, memory_analysis() and cost_analysis() of each (benchmarks/tpu_aot.py,
+# which rewrites its RESULTS.md block). libtpu (a ~210 MB wheel; the version jax's `tpu` extra
+# pins for the installed jax) goes to its own folder, not site-packages: importable, it is
+# loaded by every jax process that does not set JAX_PLATFORMS=cpu (make demo, make bench),
+# which then logs TPU errors and holds /tmp/libtpu_lockfile. TPU_LIBRARY_PATH points jax at
+# it; an importable libtpu (pip install 'jax[tpu]') works too. Only one process can load
+# libtpu at a time. TPU_AOT_ARGS passes options to the benchmark, e.g.
+# make tpu-bench TPU_AOT_ARGS='--timeout 300'.
 TPU_AOT_ARGS ?=
 LIBTPU_DIR := $(VENV)/libtpu-aot
 LIBTPU_PIN = $(PY) -c "import importlib.metadata as m; print(next(r.split(';')[0].strip() for r in m.requires('jax') if r.startswith('libtpu') and 'tpu' in r.split(';')[1]))"
@@ -58,6 +58,10 @@ $(VENV)/.libtpu-aot: $(VENV)/.test-deps
 
 tpu-check: $(VENV)/.test-deps $(VENV)/.libtpu-aot
 	$(TPU_ENV) $(PY) -m pytest -q -m tpu_aot tests/test_tpu_aot.py
+
+# make tpu-bench: compile time, memory_analysis() and cost_analysis() of every step for v5e,
+# written to benchmarks/RESULTS.md (benchmarks/tpu_aot.py)
+tpu-bench: $(VENV)/.test-deps $(VENV)/.libtpu-aot
 	$(TPU_ENV) $(PY) benchmarks/tpu_aot.py $(TPU_AOT_ARGS)
 
 clean:

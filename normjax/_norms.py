@@ -287,9 +287,20 @@ def unit_norms(w: jax.Array, axes: tuple[int, ...], *, split: bool = False, zero
     >>> round(float(big.mant[0, 0]) * 2.0 ** int(big.exp[0, 0]) / 1e38, 5)
     6.0
     """
-    w = jnp.asarray(w)
-    acc = acc_dtype(w.dtype)
-    x = w.astype(acc)
+    if isinstance(w, tuple):  # (p, u): the norms of p + u, which is then never materialised
+        p, u = (jnp.asarray(a) for a in w)
+        acc = acc_dtype(p.dtype)
+
+        def make():
+            return (p + u.astype(p.dtype)).astype(acc)
+    else:
+        w = jnp.asarray(w)
+        acc = acc_dtype(w.dtype)
+
+        def make():
+            return w.astype(acc)
+
+    x = make()
     axes = tuple(a % max(x.ndim, 1) for a in axes)
     sq = jnp.sum(x * x, axis=axes, keepdims=True)
     zero_exp = jnp.zeros_like(sq, dtype=np.int32)
@@ -307,6 +318,7 @@ def unit_norms(w: jax.Array, axes: tuple[int, ...], *, split: bool = False, zero
         return _safe_sqrt(sq), zero_exp
 
     def rescaled(_):
+        x = make()  # rebuilt here: the branch's operands are the leaf's own buffers
         mbits = jnp.max(_abs_bits(x), axis=axes, keepdims=True, initial=0)
         e = _bits_exponent(mbits, acc)
         y = ldexp(x, -e)
@@ -539,6 +551,9 @@ def scaled_update(
         v = _exact_with_smooth_tangent(v, (t - p.astype(acc)).astype(ut))
         return jnp.where(scale == 1, u, v)
 
+    # A per-leaf cond, not a select: the careful path costs several times the simple one, and
+    # on XLA:CPU the cond also keeps the scheduler from holding every leaf's update alive at
+    # once (benchmarks/RESULTS.md, "Performance and scale": without it the step was slower)
     mild = jnp.all((jnp.abs(scale) >= 0.5) & (jnp.abs(scale) <= 2) & (scale > 0))
     return jax.lax.cond(mild, simple, careful)
 

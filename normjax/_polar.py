@@ -17,16 +17,17 @@ never pushes a singular value past the end where a steep polynomial turns down. 
 :math:`\ell_0 = 10^{-5}` twelve steps bring every singular value in :math:`[10^{-5}, 1]` to
 within :math:`10^{-6}` of 1 in exact arithmetic (see :func:`polar_schedule`).
 
-**Spectral clip.** With :math:`Q = \operatorname{msign}(X)` and :math:`A = X - cQ =
-U \operatorname{diag}(s - c) V^\top`, :math:`M = \operatorname{msign}(A) =
-U \operatorname{diag}(\operatorname{sign}(s - c)) V^\top` and :math:`M A^\top Q =
-U \operatorname{diag}(|s - c|) V^\top`, so
+**Spectral clip.** With :math:`Q = \operatorname{msign}(X)` (rows the smaller side),
+:math:`H = \operatorname{sym}(X Q^\top) = U \operatorname{diag}(s) U^\top` and
+:math:`P = \tfrac12 (I + \operatorname{msign}(H - cI))`, the projector on the singular
+directions with :math:`s > c`,
 
-.. math:: \operatorname{clip}_c(X) = U \operatorname{diag}(\min(s, c)) V^\top
-          = X - \tfrac12 \big(A + M A^\top Q\big),
+.. math:: \operatorname{clip}_c(X) = U \operatorname{diag}(\min(s, c)) V^\top = X + P (cQ - X):
 
-the singular values above :math:`c` lose their excess and the others are kept (their error is
-a multiple of :math:`|s - c|`, not of :math:`c`).
+the singular values above :math:`c` are set to :math:`c` and the others are kept (where the
+sign is unresolved, near :math:`s = c`, the value ends between :math:`s` and :math:`c`). The
+steps after the first run as one ``lax.scan`` body, so the compiled program does not grow with
+the number of steps.
 """
 
 from __future__ import annotations
@@ -146,10 +147,18 @@ def msign_stack(x: jax.Array, num_iters: int = DEFAULT_POLAR_ITERS, lower: float
     s2 = jnp.where(s2 > 0, s2, 1.0)[:, None, None]
     x = x / jnp.sqrt(s2)
     g = g / s2
-    for i, (a, b, c) in enumerate(polar_schedule(num_iters, lower)):
-        if i:
-            g = _gram_rows(x)
-        x = a * x + _mm(b * g + c * _mm(g, g), x)
+    sched = polar_schedule(num_iters, lower)
+
+    def poly(x, g, co):
+        a, b, c = co[0], co[1], co[2]
+        return a * x + _mm(b * g + c * _mm(g, g), x)
+
+    if sched:
+        x = poly(x, g, jnp.asarray(sched[0], x.dtype))  # the first step reuses the Gram matrix
+    if len(sched) > 1:
+        # the other steps as one loop body: compiled once, however many steps (a TPU compiles
+        # each HIGHEST-precision product as several bf16 passes; unrolled, that took minutes)
+        x, _ = jax.lax.scan(lambda x, co: (poly(x, _gram_rows(x), co), None), x, jnp.asarray(sched[1:], x.dtype))
     return jnp.swapaxes(x, 1, 2) if tall else x
 
 

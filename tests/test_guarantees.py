@@ -40,7 +40,7 @@ EPS = {F32: 2.0**-23, BF16: 2.0**-7, F16: 2.0**-10}  # spacing at 1: ulp(x) <= e
 RANGE = {F32: (-126, 127), BF16: (-126, 127), F16: (-14, 15)}  # normal exponents
 TINY = {d: float(jnp.finfo(d).tiny) for d in (F32, BF16, F16)}
 STACK = nj.MatrixDims(in_axes=-2, out_axes=-1)  # leading axes: a batch of matrices
-PROPS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _x64():

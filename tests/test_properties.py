@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import normjax as nj
 
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MARGIN = 1e-4  # a unit this far (relatively) from a bound is clearly inside or outside in float32
 KERAS_EPSILON = 1e-7  # keras.backend.epsilon()
 F32_EPS = float(np.finfo(np.float32).eps)
