@@ -21,7 +21,7 @@ under ``--timeout`` seconds, so a compile that does not finish is recorded as su
 
 Usage::
 
-    make tpu-check                                   # installs libtpu, runs the tests, then this
+    make tpu-bench                                   # installs libtpu (make tpu-check: the tests)
     TPU_LIBRARY_PATH=.venv/libtpu-aot/libtpu/libtpu.so .venv/bin/python benchmarks/tpu_aot.py
         [--timeout 1200] [--only "spectral_norm matmul clip" ...] [--no-write]
 """
@@ -51,6 +51,7 @@ RESULT = "TPU_AOT_RESULT "
 # name -> the constraint chained after Adam, as code (evaluated in the child, with nj and DIMS)
 STEPS = {
     "adam": None,
+    "clip_by_global_norm(1), then adam (optax)": "CLIP",
     "max_norm(3.0)": "nj.max_norm(3.0)",
     "spectral_norm power rescale": "nj.spectral_norm(1.0, dims=DIMS)",
     "spectral_norm gram rescale": 'nj.spectral_norm(1.0, estimator="gram", dims=DIMS)',
@@ -129,7 +130,9 @@ def compile_one(name: str) -> dict:
         args = (abstract(params),)
     else:
         tx = optax.adam(1e-3)
-        if code is not None:
+        if code == "CLIP":
+            tx = optax.chain(optax.clip_by_global_norm(1.0), tx)
+        elif code is not None:
             tx = optax.chain(tx, eval(code, {"nj": nj, "DIMS": DIMS}))
         state = jax.eval_shape(tx.init, params)
 
@@ -228,7 +231,7 @@ def report(results: list[dict], info: dict[str, str], args, load0: str, load1: s
     cmd = ".venv/bin/python benchmarks/tpu_aot.py" + "".join(f" {a}" for a in sys.argv[1:])
     L = [
         f"## {TITLE}\n",
-        f"Command: `{cmd}` (what `make tpu-check` runs after `tests/test_tpu_aot.py`), "
+        f"Command: `{cmd}` (what `make tpu-bench` runs), "
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}; normjax {git_state()}.\n",
         "### Machine\n",
         C.md_kv(info) + "\n",
@@ -293,6 +296,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds per step's compile process (default 1200)")
     ap.add_argument("--only", nargs="+", choices=list(STEPS), help="these steps only (adam is always added)")
+    ap.add_argument("--skip", nargs="+", default=[], choices=list(STEPS), help="record these as skipped (the report is still written)")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     ap.add_argument("--out", type=Path, default=C.RESULTS_MD, help="results file (default benchmarks/RESULTS.md)")
     ap.add_argument("--child", choices=list(STEPS), help=argparse.SUPPRESS)
@@ -312,6 +316,9 @@ def main(argv=None) -> None:
     load0, t0 = C.loadavg(), time.perf_counter()
     results = []
     for name in names:
+        if name in args.skip:
+            results.append({"name": name, "error": "skipped (--skip)", "wall_s": 0.0})
+            continue
         log(f"[{name}] compiling ...")
         r = run_child(name, args.timeout)
         results.append(r)

@@ -292,7 +292,7 @@ def spectral_norm(
       Miyato et al. 2018, applied to the stored weight instead of inside the layer);
     - ``mode="clip"``: singular values :math:`\min(s_i, c)`, the Euclidean projection: exact
       with ``estimator="svd"``, by matmuls only with ``estimator="matmul"`` (no SVD, eigh or
-      QR: :func:`spectral_clip`, to about 1e-4 relative);
+      QR: :func:`spectral_clip`, within about 5e-5 of c above it);
     - ``mode="orthogonalize"``: every non-zero singular value set to :math:`c`
       (:math:`c\,UV^\top`; ``"svd"`` exact, ``"matmul"`` by :func:`msign`);
     - ``mode="soft_cap"``: :math:`s \mapsto s(1 - \beta (s/m)^2)`, :math:`\beta = 1 - c/m`, with
