@@ -30,6 +30,7 @@ test: $(VENV)/.test-deps
 
 bench: $(VENV)/.bench-deps
 	$(PY) benchmarks/bench_maxnorm.py
+	$(PY) benchmarks/bench_overhead.py
 	$(PY) benchmarks/bench_spectral.py
 	$(PY) benchmarks/bench_conv.py
 	$(PY) benchmarks/bench_certificate.py
