@@ -26,17 +26,17 @@ WORKERS = int(os.environ.get("NORMJAX_TEST_WORKERS", "2"))
 
 # seconds per file, from `pytest --durations=0` on the 2-core CI-like machine (2026-12-03)
 WEIGHTS = {
-    "tests/test_spectral_sharding.py": 65,
+    "tests/test_spectral_sharding.py": 95,
     "tests/test_sharding.py": 90,
-    "tests/test_multiprocess.py": 45,
+    "tests/test_multiprocess.py": 70,
     "tests/test_certificate.py": 70,
     "tests/test_conv.py": 70,
-    "tests/test_properties.py": 35,
+    "tests/test_properties.py": 60,
     "tests/test_matmul_modes.py": 45,
     "tests/test_spectral.py": 35,
     "tests/test_views.py": 35,
     "tests/test_frameworks.py": 30,
-    "tests/test_guarantees.py": 20,
+    "tests/test_guarantees.py": 30,
     "normjax": 50,  # the doctests
     "tests/test_transforms.py": 15,
     "tests/test_spectral_parity.py": 15,
