@@ -42,6 +42,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import common as C  # noqa: E402  (imports no jax at module level)
+from bench_maxnorm import _git_state as M_git_state  # noqa: E402  (imports no jax either)
 
 SECTION = "tpu_aot"
 TITLE = "TPU v5e ahead-of-time compilation (deviceless)"
@@ -232,7 +233,7 @@ def report(results: list[dict], info: dict[str, str], args, load0: str, load1: s
     L = [
         f"## {TITLE}\n",
         f"Command: `{cmd}` (what `make tpu-bench` runs), "
-        f"{time.strftime('%Y-%m-%d %H:%M %Z')}; normjax {git_state()}.\n",
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}; normjax {M_git_state()}.\n",
         "### Machine\n",
         C.md_kv(info) + "\n",
         f"### Steps compiled for one {results[0].get('device_kind', 'TPU v5e')} chip "
@@ -262,18 +263,6 @@ def report(results: list[dict], info: dict[str, str], args, load0: str, load1: s
         "libtpu load: " + ", ".join(f"{r['name']} {r['wall_s']:.0f} s" for r in results) + ").",
     ]
     return "\n".join(L)
-
-
-def git_state() -> str:
-    root = HERE.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "normjax"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "(git state unknown)"
-    return f"at commit {head}" + (", normjax/ modified in the working tree" if dirty else "")
 
 
 def machine_info(path: str) -> dict[str, str]:
