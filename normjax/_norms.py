@@ -258,7 +258,7 @@ def _needs_rescale(sq: jax.Array, size: int) -> jax.Array:
     return jnp.isinf(sq) | ((sq < small) & (sq > 0))
 
 
-def unit_norms(w: jax.Array, axes: tuple[int, ...], *, split: bool = False, zeros_exact: bool = False) -> Any:
+def unit_norms(w: jax.Array | tuple[jax.Array, jax.Array], axes: tuple[int, ...], *, split: bool = False, zeros_exact: bool = False) -> Any:
     r"""L2 norm of every unit of ``w``: :math:`n = \sqrt{\sum_{i \in \text{axes}} w_i^2}`.
 
     Reduces ``axes`` with ``keepdims=True`` and accumulates in float32 (float64 for
@@ -274,6 +274,11 @@ def unit_norms(w: jax.Array, axes: tuple[int, ...], *, split: bool = False, zero
     ``zeros_exact=True`` (what a lower bound needs: unit and min-max norm) also takes the
     careful pass when a unit's squares all underflow to 0 while it has non-zero entries, at the
     price of one more read of the leaf; without it such a unit reads norm 0.
+
+    ``w`` may also be a pair ``(p, u)``: the norms of ``p + u`` (``u`` cast to ``p``'s dtype, as
+    ``optax.apply_updates`` adds them), computed without materialising the sum: the rare
+    rescaling branch rebuilds it from ``p`` and ``u``, so a compiled step fuses the addition into
+    the reduction.
 
     With ``split=True`` returns a :class:`Split` ``(mant, exp)``, norm ``mant * 2**exp``, which
     stays exact where the norm itself overflows the dtype (it is ``inf`` as a plain float).
