@@ -14,6 +14,7 @@ promises "bit for bit" selects the input instead of multiplying it by one.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -243,42 +244,89 @@ def _safe_sqrt(sq: jax.Array) -> jax.Array:
     return jnp.where(zero, 0, jnp.sqrt(jnp.where(zero, 1, sq)))
 
 
-def _needs_rescale(sq: jax.Array, size: int) -> jax.Array:
-    """Which units' direct sum of squares ``sq`` is not accurate (``size`` entries a unit).
+def _shifts(size: int, dtype: Any) -> tuple[int, int]:
+    """``(a, b)``: the exponents of :func:`unit_norms`' two scaled sums for units of ``size``
+    entries accumulated in ``dtype`` (see there for the bounds they meet)."""
+    f = _fmt(dtype)
+    lg = float(np.log2(max(size, 1)))
+    emax, emin, prec = f.maxexp + 1, f.minexp, f.nmant + 1  # |x| < 2**emax, tiny = 2**emin, u = 2**-prec
+    # a: N (2**emax 2**-a)**2 < 2**emax (no overflow), and squares flushed below tiny lose
+    #    less than u of a sum that overflowed unscaled: a <= (emax - emin - prec - lg) / 2
+    # b: the smallest subnormal entry's scaled square keeps u relative to the lost half-ulps
+    #    (gradual underflow; a flushing backend needs only b >= -emin / 2), and a sum below
+    #    N tiny / u unscaled stays finite scaled: b < (emax - emin - prec - lg) / 2
+    a = int(np.ceil((emax + lg) / 2)) + 1
+    b = int(np.ceil((lg - emin + 2 * prec - 2) / 2))
+    if a > (emax - emin - prec - lg) / 2 or b >= (emax - emin - prec - lg) / 2:
+        raise ValueError(f"unit_norms: units of {size} entries are too large for {np.dtype(dtype).name} accumulation")
+    return a, b
 
-    Overflow (inf), or a non-zero sum below ``size * tiny / u``: squares below ``tiny`` are lost
-    to underflow, at most ``size * tiny`` in all, negligible (< u relative) above that
-    threshold. A zero sum is taken as it is: an all-zero unit, or one whose entries are all so
-    small (below ``2**-75``, about ``3e-23``, in float32) that every square underflows; its norm
-    then reads 0 (far inside any ball of radius above ``sqrt(size) * 2**-75``, and left alone as
-    a zero unit is). Reading the leaf only once on the hot path is worth that. NaN is fine too.
-    """
-    f = _fmt(sq.dtype)
-    small = float(jnp.finfo(sq.dtype).tiny) * size / f.u
-    return jnp.isinf(sq) | ((sq < small) & (sq > 0))
+
+def _direct_threshold(size: int, dtype: Any) -> float:
+    """The smallest direct sum of squares taken as it is: ``size * tiny / u``. Squares lost to
+    underflow (flushed below ``tiny``) add up to less than ``size * tiny``, under ``u`` relative."""
+    f = _fmt(dtype)
+    return float(jnp.finfo(dtype).tiny) * size / f.u
 
 
-def unit_norms(w: jax.Array | tuple[jax.Array, jax.Array], axes: tuple[int, ...], *, split: bool = False, zeros_exact: bool = False) -> Any:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _norm_split(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """``(mant, exp)`` with the L2 norm over ``axes`` equal to ``mant * 2**exp`` (keepdims),
+    from three sums of squares taken in one pass (see :func:`unit_norms`)."""
+    size = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
+    a, b = _shifts(size, x.dtype)
+    hi = np.asarray(2.0**-a, x.dtype)
+    lo = np.asarray(2.0**b, x.dtype)
+    xh, xl = x * hi, x * lo
+    s0 = jnp.sum(x * x, axis=axes, keepdims=True)
+    sh = jnp.sum(xh * xh, axis=axes, keepdims=True)
+    sl = jnp.sum(xl * xl, axis=axes, keepdims=True)
+    use_hi = jnp.isinf(s0)  # some square or partial sum overflowed (or an entry is inf)
+    use_lo = s0 < _direct_threshold(size, x.dtype)  # squares lost to underflow could matter (0 too)
+    sq = jnp.where(use_hi, sh, jnp.where(use_lo, sl, s0))
+    e = jnp.where(use_hi, a, jnp.where(use_lo, -b, 0)).astype(np.int32)
+    return _safe_sqrt(sq), e
+
+
+def _norm_split_jvp_rule(axes, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    mant, e = _norm_split(x, axes)
+    # d||x|| = <x, dx> / ||x||, on the same power-of-two scale as the primal: exact shifts
+    xs, dxs = ldexp(x, -e), ldexp(dx, -e)
+    dot = jnp.sum(xs * dxs, axis=axes, keepdims=True)
+    dm = jnp.where(mant > 0, dot / jnp.where(mant > 0, mant, 1), 0)
+    return (mant, e), (dm, np.zeros(e.shape, jax.dtypes.float0))
+
+
+_norm_split.defjvp(_norm_split_jvp_rule)
+
+
+def unit_norms(w: jax.Array | tuple[jax.Array, jax.Array], axes: tuple[int, ...], *, split: bool = False) -> Any:
     r"""L2 norm of every unit of ``w``: :math:`n = \sqrt{\sum_{i \in \text{axes}} w_i^2}`.
 
     Reduces ``axes`` with ``keepdims=True`` and accumulates in float32 (float64 for
     float64 input). ``axes`` is a tuple of ints (use ``resolve_axes`` for the ``axis=`` rules).
-    The gradient is finite (zero) at a zero unit: the square root is only taken of non-zero
-    sums. A unit holding a NaN has norm NaN, never 0; one holding an inf has norm inf.
+    The gradient is finite (zero) at a zero unit. A unit holding a NaN has norm NaN, never 0;
+    one holding an inf has norm inf.
 
-    The sum of squares is taken directly; only when some unit's sum overflowed, or fell so low
-    (below ``N * tiny / u``) that squares lost to underflow could matter while its largest entry
-    is a normal number, is the leaf summed again with every unit divided by the power of two of
-    its largest entry (:func:`ldexp`, exact). An all-zero unit does not trigger that pass.
-
-    ``zeros_exact=True`` (what a lower bound needs: unit and min-max norm) also takes the
-    careful pass when a unit's squares all underflow to 0 while it has non-zero entries, at the
-    price of one more read of the leaf; without it such a unit reads norm 0.
+    One pass over the leaf, with no branch: three sums of squares are reduced together,
+    :math:`S_0 = \sum w_i^2`, :math:`S_{hi} = \sum (w_i 2^{-a})^2` and
+    :math:`S_{lo} = \sum (w_i 2^{b})^2` (exact power-of-two shifts), and each unit takes
+    :math:`\sqrt{S_0}` unless it overflowed (then :math:`2^a \sqrt{S_{hi}}`) or fell below
+    :math:`N\,\mathrm{tiny}/u` (then :math:`2^{-b} \sqrt{S_{lo}}`), with :math:`N` the unit's
+    size. With :math:`|w_i| < 2^{e_{max}}`, smallest normal :math:`2^{e_{min}}`, unit roundoff
+    :math:`2^{-p}` and :math:`L = \log_2 N`, the shifts
+    :math:`a = \lceil (e_{max} + L)/2 \rceil + 1` and
+    :math:`b = \lceil (L - e_{min} + 2p - 2)/2 \rceil` (float32, :math:`N = 768`: :math:`a = 70`,
+    :math:`b = 91`) keep every selected sum finite and lose to underflow less than :math:`u` of
+    it (up to units of about :math:`2^{29}` entries in float32): the norm is accurate to a few
+    ulps from the smallest entry to the largest finite one, and a unit reads 0 only when every
+    entry is 0
+    (subnormal entries read as 0 where the backend flushes them, as XLA on CPU and TPU does).
 
     ``w`` may also be a pair ``(p, u)``: the norms of ``p + u`` (``u`` cast to ``p``'s dtype, as
-    ``optax.apply_updates`` adds them), computed without materialising the sum: the rare
-    rescaling branch rebuilds it from ``p`` and ``u``, so a compiled step fuses the addition into
-    the reduction.
+    ``optax.apply_updates`` adds them), computed without materialising the sum, which a compiled
+    step fuses into the reduction.
 
     With ``split=True`` returns a :class:`Split` ``(mant, exp)``, norm ``mant * 2**exp``, which
     stays exact where the norm itself overflows the dtype (it is ``inf`` as a plain float).
@@ -291,45 +339,21 @@ def unit_norms(w: jax.Array | tuple[jax.Array, jax.Array], axes: tuple[int, ...]
     Array([[inf]], dtype=float32)
     >>> round(float(big.mant[0, 0]) * 2.0 ** int(big.exp[0, 0]) / 1e38, 5)
     6.0
+    >>> unit_norms(jnp.full((4, 1), 1e-30), (0,))     # every square underflows in float32
+    Array([[2.e-30]], dtype=float32)
     """
     if isinstance(w, tuple):  # (p, u): the norms of p + u, which is then never materialised
         p, u = (jnp.asarray(a) for a in w)
-        acc = acc_dtype(p.dtype)
-
-        def make():
-            return (p + u.astype(p.dtype)).astype(acc)
+        x = (p + u.astype(p.dtype)).astype(acc_dtype(p.dtype))
     else:
         w = jnp.asarray(w)
-        acc = acc_dtype(w.dtype)
-
-        def make():
-            return w.astype(acc)
-
-    x = make()
+        x = w.astype(acc_dtype(w.dtype))
     axes = tuple(a % max(x.ndim, 1) for a in axes)
-    sq = jnp.sum(x * x, axis=axes, keepdims=True)
-    zero_exp = jnp.zeros_like(sq, dtype=np.int32)
-    if sq.size == 0 or x.size == 0:
-        n = jnp.zeros(sq.shape, acc)
-        return Split(n, zero_exp) if split else n
-    size = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
-    needs = _needs_rescale(sq, size)  # the hot path reads the leaf once
-    if zeros_exact:  # a lower bound (unit/min-max norm) must see a unit whose squares all underflow
-        mbits0 = jnp.max(_abs_bits(x), axis=axes, keepdims=True, initial=0)
-        needs = needs | ((sq == 0) & (mbits0 > 0))
-    out_of_range = jnp.any(needs)
-
-    def direct(_):
-        return _safe_sqrt(sq), zero_exp
-
-    def rescaled(_):
-        x = make()  # rebuilt here: the branch's operands are the leaf's own buffers
-        mbits = jnp.max(_abs_bits(x), axis=axes, keepdims=True, initial=0)
-        e = _bits_exponent(mbits, acc)
-        y = ldexp(x, -e)
-        return _safe_sqrt(jnp.sum(y * y, axis=axes, keepdims=True)), e
-
-    mant, e = jax.lax.cond(out_of_range, rescaled, direct, None)
+    sq_shape = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
+    if x.size == 0 or 0 in sq_shape:
+        n = jnp.zeros(sq_shape, x.dtype)
+        return Split(n, jnp.zeros(sq_shape, np.int32)) if split else n
+    mant, e = _norm_split(x, axes)
     return Split(mant, e) if split else ldexp(mant, e)
 
 
@@ -368,7 +392,7 @@ def band_project(
     Array([[ True, False]], dtype=bool)
     """
     w = jnp.asarray(w)
-    n = unit_norms(w, axes, split=True, zeros_exact=min_value is not None)
+    n = unit_norms(w, axes, split=True)
     scale, moved = band_scale(n, min_value, max_value, rate)
     return apply_scale(w, scale), n.value(), moved
 

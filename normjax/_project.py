@@ -23,7 +23,7 @@ def _map_units(
 
     def one(w, view):
         w = jnp.asarray(w)
-        scale, _ = band_scale(unit_norms(w, view.unit_axes, split=True, zeros_exact=bounds[0] is not None), *bounds)
+        scale, _ = band_scale(unit_norms(w, view.unit_axes, split=True), *bounds)
         return apply_scale(w, poison(scale, ok))
 
     return treedef.unflatten([v if view is None else one(v, view) for _, v, view in leaves])

@@ -120,7 +120,7 @@ def _unit_band_transform(
     def update_leaf(i, path, p, u, view):
         # p + u feeds only the norm reduction, where XLA fuses it; the update is rebuilt
         # from p and u with the per-unit factor (exactly 1 for units left alone).
-        split = unit_norms((p, u), view.unit_axes, split=True, zeros_exact=min_value is not None)
+        split = unit_norms((p, u), view.unit_axes, split=True)
         scale, moved = band_scale(split, min_value, max_value, rate)
         scale = poison(scale, runtime_valid(min_value, max_value, rate))
         n = split.value()

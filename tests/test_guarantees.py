@@ -349,15 +349,41 @@ def test_units_left_alone_keep_their_update_bit_for_bit():
     assert np.isnan(proj[1, 4]) and np.isnan(np.asarray(out)[1, 4])  # NaN stays visible
 
 
-def test_one_zero_unit_takes_no_careful_pass():
-    """An all-zero unit (sum of squares exactly 0) is fine as it is; only overflow, or a non-zero
-    sum small enough that squares lost to underflow could matter, need the rescaled pass. A unit
-    whose every square underflows (1e-30 in float32) reads norm 0 on the hot path: documented."""
-    x = jnp.asarray(np.array([[0.0, 1.0, 1e30, 1e-30, 1e-40, 1e-17], [0.0, 2.0, 1e30, 0.0, 0.0, 0.0]]), F32)
-    sq = jnp.sum(x * x, axis=0)
-    np.testing.assert_array_equal(np.asarray(N._needs_rescale(sq, 2)), [False, False, True, False, False, True])
-    # the careful pass, when some unit takes it, gives every unit its norm
-    np.testing.assert_allclose(np.asarray(nj.unit_norms(x, (0,)))[0, [2, 3, 5]], [np.sqrt(2) * 1e30, 1e-30, 1e-17], rtol=1e-6)
+@pytest.mark.parametrize("dtype", [F32, np.float64])
+@pytest.mark.parametrize("rows", [2, 768, 4096])
+def test_unit_norms_in_one_pass_from_tiny_to_huge(dtype, rows):
+    with jax.enable_x64(dtype == np.float64):
+        _check_one_pass_norms(dtype, rows)
+
+
+def _check_one_pass_norms(dtype, rows):
+    """One pass, three sums: every unit's norm within a few ulps of float64/extended NumPy from
+    the smallest normal entry to the largest finite one; a unit reads 0 only when it is 0.
+    Units: zero, ordinary, huge (the direct sum overflows; at the largest finite value the
+    2**-a sum itself is one step from overflowing for 4096 rows), tiny (every square
+    underflows), small (the direct sum is below N tiny / u), the smallest normal number, and
+    one huge entry among tiny ones. Narrowing either shift by 2 fails here."""
+    fi = np.finfo(dtype)
+    big, tiny = float(fi.max), float(fi.tiny)
+    cols = [0.0, 1.0, big ** 0.5 * 4, big, tiny ** 0.5 / 4, tiny ** 0.5 * 2 ** -((np.log2(rows) + 4) // 2), tiny]
+    x = np.zeros((rows, len(cols) + 1), np.float64)
+    for j, c in enumerate(cols):  # no subnormal entry: the tiny column grows, the others shrink
+        x[:, j] = c * (1 + (0.25 if c == tiny else -0.25) * (np.arange(rows) % 3))
+    x[:, -1] = tiny * 4
+    x[0, -1] = big / 2
+    x = x.astype(dtype)
+    ref = [np.sqrt(np.sum(np.square(x[:, j].astype(np.longdouble)))) for j in range(x.shape[1])]  # 80-bit: no overflow
+    sp = nj.unit_norms(jnp.asarray(x), (0,), split=True)
+    got = [np.ldexp(np.longdouble(m), int(e)) for m, e in zip(np.asarray(sp.mant, np.float64)[0], np.asarray(sp.exp)[0])]
+    for j, (g, r) in enumerate(zip(got, ref)):
+        if r == 0:
+            assert g == 0, j
+        else:
+            assert abs(g - r) <= 8 * fi.eps * r, (j, g, r)
+    # the same through the (p, u) form and under jit
+    jitted = jax.jit(lambda p, u: nj.unit_norms((p, u), (0,), split=True))(jnp.asarray(x), jnp.zeros_like(jnp.asarray(x)))
+    np.testing.assert_array_equal(np.asarray(jitted.exp), np.asarray(sp.exp))
+    np.testing.assert_allclose(np.asarray(jitted.mant), np.asarray(sp.mant), rtol=4 * fi.eps)
 
 
 def test_spectral_update_from_sigma_1e4():
