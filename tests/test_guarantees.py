@@ -384,6 +384,11 @@ def _check_one_pass_norms(dtype, rows):
     jitted = jax.jit(lambda p, u: nj.unit_norms((p, u), (0,), split=True))(jnp.asarray(x), jnp.zeros_like(jnp.asarray(x)))
     np.testing.assert_array_equal(np.asarray(jitted.exp), np.asarray(sp.exp))
     np.testing.assert_allclose(np.asarray(jitted.mant), np.asarray(sp.mant), rtol=4 * fi.eps)
+    # TPU/GPU take the branch-free three sums for every unit; CPU only for units that need them
+    mant3, exp3 = N._three_sums(jnp.asarray(x), (0,))
+    assert int(np.asarray(exp3)[0, 1]) == 0  # an ordinary unit: the plain sum
+    got3 = [np.ldexp(np.longdouble(m), int(e)) for m, e in zip(np.asarray(mant3, np.float64)[0], np.asarray(exp3)[0])]
+    np.testing.assert_allclose(np.asarray(got3), np.asarray(got), rtol=4 * fi.eps)
 
 
 def test_spectral_update_from_sigma_1e4():
