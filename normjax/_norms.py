@@ -562,64 +562,99 @@ def scaled_update(
     """
     p, u = jnp.asarray(p), jnp.asarray(u)
     scale = jnp.asarray(scale)
-    pt, ut = p.dtype, u.dtype
-    st = jnp.promote_types(pt, ut)
-    acc = scale.dtype
-
-    def careful():
-        st = jnp.promote_types(pt, ut)  # the dtype p + u' is computed in before the cast to p's
-        acc = scale.dtype
-
-        def land(v):  # what optax.apply_updates(p, v) gives
-            return (p.astype(st) + v.astype(st)).astype(pt)
-
-        w = land(u)
-        t = _apply_factor(w.astype(acc), scale)
-        shrink = _shrinks(scale)
-        pa = p.astype(acc)
-        if max_value is not None:
-            c = jnp.asarray(max_value, acc)
-            eps = float(jnp.finfo(pt).eps)  # >= 2 u of the accumulation dtype
-            denorm = float(jnp.finfo(pt).smallest_subnormal)
-            ts = jax.lax.stop_gradient(t)
-            bound = eps * (4 * jnp.abs(ts) + 2.01 * jnp.abs(ts - pa)) + 4 * denorm
-            fro = unit_norms(bound, _broadcast_axes(p.shape, scale.shape))
-            beta = gain * fro / c + 2 * eps
-            t = jnp.where(beta < 1, t * (1 - jnp.minimum(beta, 1)), jnp.zeros_like(t))
-        target = _round_inward(t, pt, shrink)  # in p's dtype, on the ball's side of t
-        ts, pa_s = jax.lax.stop_gradient(target).astype(acc), jax.lax.stop_gradient(pa)
-        v = (ts - pa_s).astype(ut)
-        for _ in range(2):  # one step suffices in exact analysis; the second is a guard
-            r = land(v).astype(acc)
-            bad = jnp.where(shrink, (jnp.abs(r) > jnp.abs(ts)) | (r * ts < 0), jnp.abs(r) < jnp.abs(ts))
-            v = jnp.where(bad, jnp.nextafter(v, jnp.where(r < ts, jnp.inf, -jnp.inf).astype(ut)), v)
-        r = land(v).astype(acc)
-        still = shrink & ((jnp.abs(r) > jnp.abs(ts)) | (r * ts < 0))
-        v = jnp.where(still, (-p).astype(ut), v)  # p + (-p) == 0 exactly: inside for sure
-        v = jnp.where(jnp.isfinite(p), v, u)  # an inf in p itself cannot be moved by an update
-        v = _exact_with_smooth_tangent(v, (t - pa).astype(ut))
-        return jnp.where(scale == 1, u, v)
-
     if max_value is not None:
-        return careful()
-
-    def simple():
-        # Every factor in [1/2, 2]: the target rounded toward the ball (t_r) and p are within a
-        # factor 2 of each other wherever p dominates the entry, so t_r - p is exact (Sterbenz)
-        # and p + (t_r - p) lands on t_r; elsewhere the entry is below the rounding of p + u
-        # itself. One pass, no correction steps: the training-step hot path.
-        w = (p.astype(st) + u.astype(st)).astype(pt)
-        t = _apply_factor(w.astype(acc), scale)
-        target = _round_inward(t, pt, _shrinks(scale))
-        v = (jax.lax.stop_gradient(target).astype(st) - p.astype(st)).astype(ut)
-        v = _exact_with_smooth_tangent(v, (t - p.astype(acc)).astype(ut))
-        return jnp.where(scale == 1, u, v)
-
+        return _careful_update(p, u, scale, max_value, gain)
     # A per-leaf cond, not a select: the careful path costs several times the simple one, and
     # on XLA:CPU the cond also keeps the scheduler from holding every leaf's update alive at
     # once (benchmarks/RESULTS.md, "Performance and scale": without it the step was slower)
-    mild = jnp.all((jnp.abs(scale) >= 0.5) & (jnp.abs(scale) <= 2) & (scale > 0))
-    return jax.lax.cond(mild, simple, careful)
+    return jax.lax.cond(_mild(scale), _simple_update, lambda p, u, s: _careful_update(p, u, s), p, u, scale)
+
+
+def _mild(scale: jax.Array) -> jax.Array:
+    """Whether every encoded factor is a plain one in ``[1/2, 2]`` (:func:`_simple_update` holds)."""
+    return jnp.all((jnp.abs(scale) >= 0.5) & (jnp.abs(scale) <= 2) & (scale > 0))
+
+
+def _simple_update(p: jax.Array, u: jax.Array, scale: jax.Array) -> jax.Array:
+    """:func:`scaled_update` for factors in ``[1/2, 2]``.
+
+    The target rounded toward the ball (``t_r``) and ``p`` are within a factor 2 of each other
+    wherever ``p`` dominates the entry, so ``t_r - p`` is exact (Sterbenz) and ``p + (t_r - p)``
+    lands on ``t_r``; elsewhere the entry is below the rounding of ``p + u`` itself. One pass,
+    no correction steps: the training-step hot path.
+    """
+    pt, ut, acc = p.dtype, u.dtype, scale.dtype
+    st = jnp.promote_types(pt, ut)
+    w = (p.astype(st) + u.astype(st)).astype(pt)
+    t = _apply_factor(w.astype(acc), scale)
+    target = _round_inward(t, pt, _shrinks(scale))
+    v = (jax.lax.stop_gradient(target).astype(st) - p.astype(st)).astype(ut)
+    v = _exact_with_smooth_tangent(v, (t - p.astype(acc)).astype(ut))
+    return jnp.where(scale == 1, u, v)
+
+
+def _careful_update(p: jax.Array, u: jax.Array, scale: jax.Array, max_value: Any | None = None, gain: float = 1.0) -> jax.Array:
+    """:func:`scaled_update` for any factor: the target rounded inward, then ``u'`` moved one ulp
+    at a time until ``p + u'`` lies on the ball's side of it (the contract spelled out there)."""
+    pt, ut = p.dtype, u.dtype
+    st = jnp.promote_types(pt, ut)  # the dtype p + u' is computed in before the cast to p's
+    acc = scale.dtype
+
+    def land(v):  # what optax.apply_updates(p, v) gives
+        return (p.astype(st) + v.astype(st)).astype(pt)
+
+    w = land(u)
+    t = _apply_factor(w.astype(acc), scale)
+    shrink = _shrinks(scale)
+    pa = p.astype(acc)
+    if max_value is not None:
+        c = jnp.asarray(max_value, acc)
+        eps = float(jnp.finfo(pt).eps)  # >= 2 u of the accumulation dtype
+        denorm = float(jnp.finfo(pt).smallest_subnormal)
+        ts = jax.lax.stop_gradient(t)
+        bound = eps * (4 * jnp.abs(ts) + 2.01 * jnp.abs(ts - pa)) + 4 * denorm
+        fro = unit_norms(bound, _broadcast_axes(p.shape, scale.shape))
+        beta = gain * fro / c + 2 * eps
+        t = jnp.where(beta < 1, t * (1 - jnp.minimum(beta, 1)), jnp.zeros_like(t))
+    target = _round_inward(t, pt, shrink)  # in p's dtype, on the ball's side of t
+    ts, pa_s = jax.lax.stop_gradient(target).astype(acc), jax.lax.stop_gradient(pa)
+    v = (ts - pa_s).astype(ut)
+    for _ in range(2):  # one step suffices in exact analysis; the second is a guard
+        r = land(v).astype(acc)
+        bad = jnp.where(shrink, (jnp.abs(r) > jnp.abs(ts)) | (r * ts < 0), jnp.abs(r) < jnp.abs(ts))
+        v = jnp.where(bad, jnp.nextafter(v, jnp.where(r < ts, jnp.inf, -jnp.inf).astype(ut)), v)
+    r = land(v).astype(acc)
+    still = shrink & ((jnp.abs(r) > jnp.abs(ts)) | (r * ts < 0))
+    v = jnp.where(still, (-p).astype(ut), v)  # p + (-p) == 0 exactly: inside for sure
+    v = jnp.where(jnp.isfinite(p), v, u)  # an inf in p itself cannot be moved by an update
+    v = _exact_with_smooth_tangent(v, (t - pa).astype(ut))
+    return jnp.where(scale == 1, u, v)
+
+
+def scaled_updates(ps: list, us: list, scale: jax.Array) -> list:
+    """:func:`scaled_update` of several leaves of one shape, dtypes and sharding; ``scale`` holds
+    their factors stacked on a new leading axis (computed once for the group).
+
+    Each leaf keeps its own ``cond`` (one-pass update, or the careful one when one of its
+    factors is outside ``[1/2, 2]``): on XLA:CPU a cond per leaf keeps the scheduler from holding
+    every leaf's update alive at once. Which branch each leaf takes is one reduction over the
+    stack, and the stacked factors enter every cond whole, sliced inside, so XLA does not fuse
+    a copy of the group's per-unit arithmetic into each leaf.
+    """
+    ps, us = [jnp.asarray(p) for p in ps], [jnp.asarray(u) for u in us]
+    red = tuple(range(1, scale.ndim))
+    mild = jnp.all((jnp.abs(scale) >= 0.5) & (jnp.abs(scale) <= 2) & (scale > 0), axis=red)
+    return [
+        jax.lax.cond(
+            mild[j],
+            lambda p, u, s, j=j: _simple_update(p, u, s[j]),
+            lambda p, u, s, j=j: _careful_update(p, u, s[j]),
+            p,
+            u,
+            scale,
+        )
+        for j, (p, u) in enumerate(zip(ps, us))
+    ]
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,17 @@ from normjax._checks import (
     positive_int,
     runtime_valid,
 )
-from normjax._norms import apply_scale, band_scale, decode_scale, scaled_update, spectral_scale, unit_norms
+from normjax._norms import (
+    Split,
+    apply_scale,
+    band_scale,
+    decode_scale,
+    scaled_update,
+    scaled_updates,
+    spectral_scale,
+    unit_norms,
+)
+from normjax._shard import spec_of
 from normjax._select import Axis, PyTree, Where
 from normjax._views import View, leaf_views
 
@@ -104,6 +114,33 @@ def _update_leaves(
     return treedef.unflatten(out), tuple(treedef.unflatten(f) for f in fields)
 
 
+def _band_group(ps: list, us: list, axes: tuple[int, ...], min_value: Any, max_value: Any, rate: Any, ok: Any):
+    """The band projection's update and :class:`NormState` statistics for a group of leaves of
+    one shape, dtypes and sharding: ``(updates, (largest, largest_after, smallest, clipped))``,
+    each statistic a ``(len(ps),)`` float32 vector.
+
+    Per leaf: the norms of ``p + u`` (:func:`unit_norms`, fused into the reduction) and the
+    update's ``cond`` (:func:`scaled_updates`). Once for the group, on the stacked per-unit
+    norms (small arrays): :func:`band_scale` and the statistics, so a compiled step holds that
+    code once per group of a model's repeated blocks instead of once per leaf (at 12 GPT-2
+    blocks the compiled step shrank from 48.8k to 28.5k HLO lines).
+    """
+    norms = [unit_norms((p, u), axes, split=True) for p, u in zip(ps, us)]
+    split = Split(jnp.stack([n.mant for n in norms]), jnp.stack([n.exp for n in norms]))
+    scale, moved = band_scale(split, min_value, max_value, rate)
+    scale = poison(scale, ok)
+    n = split.value()
+    after = jnp.where(scale == 0, 0, n * decode_scale(scale))
+    f32, red = jnp.float32, tuple(range(1, n.ndim))
+    stats = (
+        jnp.max(n, axis=red).astype(f32),
+        jnp.max(after, axis=red).astype(f32),
+        jnp.min(n, axis=red).astype(f32),
+        jnp.mean(moved.astype(f32), axis=red),
+    )
+    return scaled_updates(ps, us, scale), stats
+
+
 def _unit_band_transform(
     name: str, min_value: Any, max_value: Any, rate: Any, axis: Axis, where: Where, views: PyTree | None
 ) -> optax.GradientTransformation:
@@ -117,26 +154,40 @@ def _unit_band_transform(
         zeros = [EMPTY if view is None else jnp.zeros((), jnp.float32) for _, _, view in leaves]
         return NormState(*(treedef.unflatten(zeros) for _ in NormState._fields))
 
-    def update_leaf(i, path, p, u, view):
-        # p + u feeds only the norm reduction, where XLA fuses it; the update is rebuilt
-        # from p and u with the per-unit factor (exactly 1 for units left alone).
-        split = unit_norms((p, u), view.unit_axes, split=True)
-        scale, moved = band_scale(split, min_value, max_value, rate)
-        scale = poison(scale, runtime_valid(min_value, max_value, rate))
-        n = split.value()
-        f32 = jnp.float32
-        if n.size == 0:
-            stats = (jnp.zeros((), f32),) * 4
-        else:
-            after = jnp.where(scale == 0, 0, n * decode_scale(scale))
-            stats = (jnp.max(n).astype(f32), jnp.max(after).astype(f32), jnp.min(n).astype(f32), jnp.mean(moved.astype(f32)))
-        return scaled_update(p, u, scale), stats
-
     def update_fn(updates: PyTree, state: NormState, params: PyTree | None = None):
-        treedef = jax.tree.structure(params) if params is not None else None
-        old = tuple(_flat_state(treedef, f) for f in state) if treedef is not None else ((),) * 4
-        updates, fields = _update_leaves(name, updates, params, leaves_of, update_leaf, old)
-        return updates, NormState(*fields)
+        if params is None:
+            raise ValueError(
+                f"{name}: update() needs params (call tx.update(updates, state, params)); "
+                "a projection acts on params + updates"
+            )
+        treedef, leaves = leaves_of(params)
+        us = treedef.flatten_up_to(updates)
+        fields = [list(_flat_state(treedef, f)) for f in state]
+        out = list(us)
+        # Leaves of one shape, dtypes, unit axes and sharding (a model's repeated blocks) form a
+        # group: the per-unit factors and the statistics are computed once for the stacked
+        # group, not once per leaf; the reduction and the update stay per leaf (p + u is never
+        # materialised for them). See _band_group.
+        groups: dict[Any, list[int]] = {}
+        for i, ((_, p, view), u) in enumerate(zip(leaves, us)):
+            if view is None or u is None:
+                continue
+            p, u = jnp.asarray(p), jnp.asarray(u)
+            if p.size == 0:
+                for f in fields:
+                    f[i] = jnp.zeros((), jnp.float32)
+                continue
+            key = (p.shape, p.dtype, u.dtype, view.unit_axes, spec_of(p), spec_of(u))
+            groups.setdefault(key, []).append(i)
+        ok = runtime_valid(min_value, max_value, rate)
+        for idx in groups.values():
+            ps = [jnp.asarray(leaves[i][1]) for i in idx]
+            u_new, stats = _band_group(ps, [jnp.asarray(us[i]) for i in idx], leaves[idx[0]][2].unit_axes, min_value, max_value, rate, ok)
+            for j, i in enumerate(idx):
+                out[i] = u_new[j]
+                for f, value in zip(fields, stats):
+                    f[i] = value[j]
+        return treedef.unflatten(out), NormState(*(treedef.unflatten(f) for f in fields))
 
     return optax.GradientTransformation(init_fn, update_fn)
 
