@@ -277,6 +277,7 @@ def _combine(p: jax.Array, u: jax.Array | None) -> jax.Array:
     return (p + u.astype(p.dtype)).astype(acc_dtype(p.dtype))
 
 
+@functools.partial(jax.jit, static_argnums=(1,))  # traced once per shape: a model's blocks share it
 def _three_sums(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """``(mant, exp)`` of the norms over ``axes`` (keepdims) from one variadic reduction."""
     size = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
@@ -302,6 +303,11 @@ def _norm_split(axes: tuple[int, ...], p: jax.Array, u: jax.Array | None) -> tup
     or fell below ``N tiny / u`` (0 included); the cond's operands are ``p`` and ``u``
     themselves, so the sum is never materialised for it. Both give the same norms.
     """
+    return _norm_split_body(axes, p, u)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))  # traced and lowered once per shape and dtype
+def _norm_split_body(axes: tuple[int, ...], p: jax.Array, u: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     x = _combine(p, u)
     size = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
 
@@ -575,6 +581,7 @@ def _mild(scale: jax.Array) -> jax.Array:
     return jnp.all((jnp.abs(scale) >= 0.5) & (jnp.abs(scale) <= 2) & (scale > 0))
 
 
+@jax.jit  # traced and lowered once per shape and dtype, then called by every such leaf
 def _simple_update(p: jax.Array, u: jax.Array, scale: jax.Array) -> jax.Array:
     """:func:`scaled_update` for factors in ``[1/2, 2]``.
 
@@ -593,6 +600,7 @@ def _simple_update(p: jax.Array, u: jax.Array, scale: jax.Array) -> jax.Array:
     return jnp.where(scale == 1, u, v)
 
 
+@functools.partial(jax.jit, static_argnames=("gain",))
 def _careful_update(p: jax.Array, u: jax.Array, scale: jax.Array, max_value: Any | None = None, gain: float = 1.0) -> jax.Array:
     """:func:`scaled_update` for any factor: the target rounded inward, then ``u'`` moved one ulp
     at a time until ``p + u'`` lies on the ball's side of it (the contract spelled out there)."""
