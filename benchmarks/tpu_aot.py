@@ -16,6 +16,10 @@ step is ``tx.update(grads, state, params)`` + ``optax.apply_updates`` under ``ja
 ``tx = optax.adam(1e-3)`` or ``optax.chain(optax.adam(1e-3), constraint)``; the last row is
 ``nj.project_spectral_norm(params, 1.0, estimator="matmul")`` alone.
 
+It then compiles Adam, ``clip_by_global_norm``, ``max_norm`` and ``spectral_norm`` (power) on the
+performance issue's tree (the four kernels and the bias) without and with donation and
+reports their bytes accessed against Adam's.
+
 Each step compiles in its own child process (one at a time: only one process may load libtpu)
 under ``--timeout`` seconds, so a compile that does not finish is recorded as such.
 
@@ -64,6 +68,9 @@ STEPS = {
     "spectral_norm matmul clip, certify=True": 'nj.spectral_norm(1.0, estimator="matmul", mode="clip", certify=True, dims=DIMS)',
     "project_spectral_norm matmul (alone)": "PROJECT",
 }
+# The issue's tree (four 768x3072 kernels and a bias, no stacked kernel): bytes accessed of these
+# steps without and with donation, the figures the performance issue states its target in
+ISSUE_TREE_STEPS = ["adam", "clip_by_global_norm(1), then adam (optax)", "max_norm(3.0)", "spectral_norm power rescale"]
 DECOMPOSITION = re.compile(r"svd|gesdd|gesvd|eig|qr|geqrf|householder|lapack|solver|jacobi", re.I)
 
 
@@ -99,7 +106,7 @@ def libtpu_version(path: str) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def compile_one(name: str) -> dict:
+def compile_one(name: str, tree: str = "bench", donate: bool = False) -> dict:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host backend; TPU only as a compile target
     import jax
     import jax.numpy as jnp
@@ -119,8 +126,9 @@ def compile_one(name: str) -> dict:
     f32 = jnp.float32
     params = {f"fc{i}": {"kernel": jax.ShapeDtypeStruct((768, 3072), f32)} for i in range(4)}
     params["fc0"]["bias"] = jax.ShapeDtypeStruct((3072,), f32)
-    params["stacked"] = jax.ShapeDtypeStruct((12, 768, 768), f32)
-    DIMS = {"stacked": nj.MatrixDims(1, 2)}  # noqa: N806  (named in STEPS' code)
+    if tree == "bench":
+        params["stacked"] = jax.ShapeDtypeStruct((12, 768, 768), f32)
+    DIMS = {"stacked": nj.MatrixDims(1, 2)} if tree == "bench" else None  # noqa: N806  (named in STEPS' code)
 
     def abstract(tree):
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
@@ -141,7 +149,7 @@ def compile_one(name: str) -> dict:
             u, s = tx.update(g, s, p)
             return optax.apply_updates(p, u), s
 
-        fn = jax.jit(step)
+        fn = jax.jit(step, donate_argnums=(0, 2) if donate else ())
         args = (abstract(params), abstract(params), abstract(state))
 
     t0 = time.perf_counter()
@@ -185,11 +193,11 @@ def compile_one(name: str) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-def run_child(name: str, timeout: float) -> dict:
+def run_child(name: str, timeout: float, extra: tuple = ()) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, __file__, "--child", name], env=env, timeout=timeout,
+        proc = subprocess.run([sys.executable, __file__, "--child", name, *extra], env=env, timeout=timeout,
                               capture_output=True, text=True)
     except subprocess.TimeoutExpired:
         return {"name": name, "error": f"not compiled within {timeout:.0f} s (stopped)", "wall_s": time.perf_counter() - t0}
@@ -207,7 +215,23 @@ def mib(x) -> str:
     return "n/a" if x is None else f"{x / 2**20:.1f}"
 
 
-def report(results: list[dict], info: dict[str, str], args, load0: str, load1: str, wall: float) -> str:
+def issue_table(issue: dict) -> str:
+    """Bytes accessed on the issue's tree, without and with donation, and each ÷ Adam's."""
+    rows = []
+    for name in ISSUE_TREE_STEPS:
+        cells = [f"`{name}`"]
+        for donate in (False, True):
+            r, base = issue.get((name, donate), {}), issue.get(("adam", donate), {})
+            if "bytes_accessed" not in r or not base.get("bytes_accessed"):
+                cells += [r.get("error", "n/a"), "—"]
+                continue
+            cells += [mib(r["bytes_accessed"]), f"{r['bytes_accessed'] / base['bytes_accessed']:.3f}"]
+        rows.append(cells)
+    head = ["step", "bytes accessed (MiB), no donation", "÷ Adam's", "bytes accessed (MiB), donate_argnums=(0, 2)", "÷ Adam's"]
+    return C.md_table(head, rows)
+
+
+def report(results: list[dict], info: dict[str, str], args, load0: str, load1: str, wall: float, issue: dict | None = None) -> str:
     base = next((r for r in results if r["name"] == "adam" and "error" not in r), None)
     rows = []
     for r in results:
@@ -259,6 +283,13 @@ def report(results: list[dict], info: dict[str, str], args, load0: str, load1: s
         "- decomposition custom calls: custom-call targets in the StableHLO or the optimized HLO "
         "naming an SVD, eigh, QR or LAPACK routine; **f64** if the optimized HLO has a float64.\n",
         C.md_table(head, rows) + "\n",
+        *([
+            "### The performance issue's tree: four 768x3072 float32 kernels and a bias (no stacked kernel)\n",
+            "The same compile, without and with donation of params and optimizer state "
+            "(`jax.jit(step, donate_argnums=(0, 2))`, as training loops run); the cost model counts the "
+            "memory-space prefetch copies XLA schedules, which donation changes.\n",
+            issue_table(issue) + "\n",
+        ] if issue else []),
         f"Wall time of the whole benchmark: {wall:.0f} s (per step, with process start and "
         "libtpu load: " + ", ".join(f"{r['name']} {r['wall_s']:.0f} s" for r in results) + ").",
     ]
@@ -289,13 +320,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     ap.add_argument("--out", type=Path, default=C.RESULTS_MD, help="results file (default benchmarks/RESULTS.md)")
     ap.add_argument("--child", choices=list(STEPS), help=argparse.SUPPRESS)
+    ap.add_argument("--tree", choices=["bench", "issue"], default="bench", help=argparse.SUPPRESS)
+    ap.add_argument("--donate", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
-        print(RESULT + json.dumps(compile_one(args.child)), flush=True)
+        print(RESULT + json.dumps(compile_one(args.child, args.tree, args.donate)), flush=True)
         return
     path = libtpu_path()
     if path is None:
@@ -315,7 +348,14 @@ def main(argv=None) -> None:
                             f"compile {r['compile_s']:.1f} s, bytes accessed {mib(r['bytes_accessed'])} MiB, "
                             f"temp {mib(r['memory'].get('temp_size_in_bytes'))} MiB, "
                             f"decompositions {r['decompositions'] or 'none'}"))
-    text = report(results, info, args, load0, C.loadavg(), time.perf_counter() - t0)
+    issue = {}
+    if not args.only:
+        for name in ISSUE_TREE_STEPS:
+            for donate in (False, True):
+                r = run_child(name, args.timeout, ("--tree", "issue") + (("--donate",) if donate else ()))
+                issue[(name, donate)] = r
+                log(f"[issue tree, donate={donate}] {name}: " + (r["error"] if "error" in r else f"bytes accessed {mib(r['bytes_accessed'])} MiB"))
+    text = report(results, info, args, load0, C.loadavg(), time.perf_counter() - t0, issue)
     C.publish(SECTION, text, args.no_write or bool(args.only), args.out)
 
 
