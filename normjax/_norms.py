@@ -795,25 +795,28 @@ def sigma_power(
     if _empty_view(w, d):
         return jnp.zeros(_batch_shape(w, d), acc), u.astype(acc)
 
-    def body(w, u):
-        x = w.astype(acc)
+    return auto_where_explicit(
+        lambda w, u: _sigma_power_body(w, u, d, int(num_iters)), (w, u), lambda: (batch_spec(w, d.batch), like(u))
+    )
 
-        def scaled(_):  # every matrix divided by the power of two of its largest entry: exact
-            e = exponent_of_max(x, axes=d.rows + d.cols, keepdims=True)
-            xs = ldexp(x, -e)
-            sigma, v = power_loop(
-                lambda u: _matvec(xs, u, d), lambda v: _rmatvec(xs, v, d), u, len(d.batch), num_iters, acc
-            )
-            return ldexp(sigma, _matrix_exponent(x, d)), v
 
-        # The hot path iterates on the leaf as it is (one read of it per product, as before the
-        # scaling existed). Only when some sigma leaves [2**-60, 2**60], where a sum of squares
-        # of W u could over- or underflow, is the step redone on the scaled matrices.
-        sigma, v = power_loop(lambda u: _matvec(x, u, d), lambda v: _rmatvec(x, v, d), u, len(d.batch), num_iters, acc)
-        safe = jnp.all((sigma >= 2.0**-60) & (sigma <= 2.0**60))
-        return jax.lax.cond(safe, lambda _: (sigma, v), scaled, None)
+@functools.partial(jax.jit, static_argnums=(2, 3))  # traced and lowered once per shape and view
+def _sigma_power_body(w: jax.Array, u: jax.Array, d: Any, num_iters: int) -> tuple[jax.Array, jax.Array]:
+    acc = acc_dtype(w.dtype)
+    x = w.astype(acc)
 
-    return auto_where_explicit(body, (w, u), lambda: (batch_spec(w, d.batch), like(u)))
+    def scaled(_):  # every matrix divided by the power of two of its largest entry: exact
+        e = exponent_of_max(x, axes=d.rows + d.cols, keepdims=True)
+        xs = ldexp(x, -e)
+        sigma, v = power_loop(lambda u: _matvec(xs, u, d), lambda v: _rmatvec(xs, v, d), u, len(d.batch), num_iters, acc)
+        return ldexp(sigma, _matrix_exponent(x, d)), v
+
+    # The hot path iterates on the leaf as it is (one read of it per product, as before the
+    # scaling existed). Only when some sigma leaves [2**-60, 2**60], where a sum of squares
+    # of W u could over- or underflow, is the step redone on the scaled matrices.
+    sigma, v = power_loop(lambda u: _matvec(x, u, d), lambda v: _rmatvec(x, v, d), u, len(d.batch), num_iters, acc)
+    safe = jnp.all((sigma >= 2.0**-60) & (sigma <= 2.0**60))
+    return jax.lax.cond(safe, lambda _: (sigma, v), scaled, None)
 
 
 def power_loop(apply, apply_t, u: jax.Array, nb: int, num_iters: int, acc: Any) -> tuple[jax.Array, jax.Array]:
