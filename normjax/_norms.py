@@ -383,6 +383,12 @@ def unit_norms(w: jax.Array | tuple[jax.Array, jax.Array], axes: tuple[int, ...]
     6.0
     >>> unit_norms(jnp.full((4, 1), 1e-30), (0,))     # every square underflows in float32
     Array([[2.e-30]], dtype=float32)
+
+    References:
+      Blue, "A portable Fortran program to find the Euclidean norm of a vector", ACM TOMS 4(1),
+      1978 (three accumulators for big, medium and small entries, scaled by constants; here
+      each accumulator sums every entry, so the choice is made per unit after one pass).
+      Anderson, "Algorithm 978: Safe scaling in the Level 1 BLAS", ACM TOMS 44(1), 2017.
     """
     if isinstance(w, tuple):  # (p, u): the norms of p + u, which is then never materialised
         p, u = (jnp.asarray(a) for a in w)
