@@ -582,9 +582,10 @@ def scaled_update(
     return jax.lax.cond(_mild(scale), _simple_update, lambda p, u, s: _careful_update(p, u, s), p, u, scale)
 
 
-def _mild(scale: jax.Array) -> jax.Array:
-    """Whether every encoded factor is a plain one in ``[1/2, 2]`` (:func:`_simple_update` holds)."""
-    return jnp.all((jnp.abs(scale) >= 0.5) & (jnp.abs(scale) <= 2) & (scale > 0))
+def _mild(scale: jax.Array, axis: Any = None) -> jax.Array:
+    """Whether every encoded factor (over ``axis``) is a plain one in ``[1/2, 2]``
+    (:func:`_simple_update` holds)."""
+    return jnp.all((jnp.abs(scale) >= 0.5) & (jnp.abs(scale) <= 2) & (scale > 0), axis=axis)
 
 
 @jax.jit  # traced and lowered once per shape and dtype, then called by every such leaf
@@ -660,8 +661,7 @@ def scaled_updates(ps: list, us: list, scale: jax.Array) -> list:
     a copy of the group's per-unit arithmetic into each leaf.
     """
     ps, us = [jnp.asarray(p) for p in ps], [jnp.asarray(u) for u in us]
-    red = tuple(range(1, scale.ndim))
-    mild = jnp.all((jnp.abs(scale) >= 0.5) & (jnp.abs(scale) <= 2) & (scale > 0), axis=red)
+    mild = _mild(scale, axis=tuple(range(1, scale.ndim)))
     return [
         jax.lax.cond(
             mild[j],
