@@ -279,7 +279,8 @@ def _combine(p: jax.Array, u: jax.Array | None) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(1,))  # traced once per shape: a model's blocks share it
 def _three_sums(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """``(mant, exp)`` of the norms over ``axes`` (keepdims) from one variadic reduction."""
+    """``(mant, exp)`` of the norms over ``axes`` (keepdims) from three sums of squares of ``x``
+    (plain, shifted by ``2**-a`` and by ``2**b``) that XLA reduces in one fused pass."""
     size = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
     a, b = _shifts(size, x.dtype)
     xh, xl = x * np.asarray(2.0**-a, x.dtype), x * np.asarray(2.0**b, x.dtype)
@@ -330,8 +331,7 @@ def _norm_split_jvp_rule(axes, primals, tangents):
     dp, du = tangents
     mant, e = _norm_split(axes, p, u)
     # d||x|| = <x, dx> / ||x||, on the same power-of-two scale as the primal: exact shifts
-    x = _combine(p, u)
-    dx = dp.astype(x.dtype) if u is None else (dp + du.astype(p.dtype)).astype(x.dtype)
+    x, dx = _combine(p, u), _combine(dp, du)
     xs, dxs = ldexp(x, -e), ldexp(dx, -e)
     dot = jnp.sum(xs * dxs, axis=axes, keepdims=True)
     dm = jnp.where(mant > 0, dot / jnp.where(mant > 0, mant, 1), 0)
