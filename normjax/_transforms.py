@@ -406,11 +406,11 @@ def spectral_norm(
       seed: seeds the initial power vectors (each leaf folds in its index).
       certify: land every changed matrix inside the ball for sure (see above).
 
-    >>> import jax.numpy as jnp, optax, normjax as nj
+    >>> import jax, jax.numpy as jnp, optax, normjax as nj
     >>> params = {"w": jnp.array([[2.0, 0.0], [0.0, 0.5]])}
     >>> tx = optax.chain(optax.sgd(1.0), nj.spectral_norm(1.0, estimator="svd"))
     >>> state = tx.init(params)
-    >>> updates, state = tx.update({"w": jnp.zeros((2, 2))}, state, params)
+    >>> updates, state = jax.jit(tx.update)({"w": jnp.zeros((2, 2))}, state, params)  # as in a jitted step
     >>> optax.apply_updates(params, updates)["w"]
     Array([[1.  , 0.  ],
            [0.  , 0.25]], dtype=float32)
@@ -419,11 +419,10 @@ def spectral_norm(
 
     A convolution bounded by its operator norm on 8x8 inputs (certified by Gram iteration):
 
-    >>> import jax
     >>> params = {"conv": {"kernel": jax.random.normal(jax.random.key(0), (3, 3, 1, 4))}}
     >>> rules = {"conv": nj.ConvSpec((8, 8), padding="SAME")}
     >>> tx = optax.chain(optax.sgd(0.1), nj.spectral_norm(1.0, estimator="gram", dims=rules))
-    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
     >>> new = optax.apply_updates(params, updates)["conv"]["kernel"]
     >>> bool(nj.conv_spectral_norm(new, (8, 8), method="svd") <= 1.0)
     True

@@ -1,8 +1,10 @@
 """One process of the 2-process x 4-CPU-device run of ``test_multiprocess.py``.
 
-Usage: ``python tests/_multiprocess_worker.py PROCESS_ID PORT``. Every constraint runs on
-arrays sharded over a mesh spanning both processes (8 devices) and is compared, shard by
-shard, with the same computation on this process's own unsharded copy. Prints one JSON line.
+Usage: ``python tests/_multiprocess_worker.py PROCESS_ID PORT REFS_DIR``. Every constraint
+runs on arrays sharded over a mesh spanning both processes (8 devices) and is compared, shard by
+shard, with the same computation on one process's unsharded copy of the same arrays: each
+process computes half of these references (compiling them is most of a run) and writes them to
+``REFS_DIR``, where the other reads them. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 
 import jax  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-pid, port = int(sys.argv[1]), sys.argv[2]
+pid, port, refs_dir = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
 
 import numpy as np  # noqa: E402
@@ -60,8 +64,10 @@ def main() -> None:
     steps = {name: stepper(optax.chain(optax.sgd(0.1), t)) for name, t in transforms.items()}
     local = jax.tree.map(jax.numpy.asarray, params_np)
     local_g = jax.tree.map(jax.numpy.asarray, grads_np)
-    refs = {name: jax.tree.map(np.asarray, f(local, local_g)) for name, f in steps.items()}
-    refs["project_max_norm"] = jax.tree.map(np.asarray, nj.project_max_norm(local, 1.0))
+    unsharded = {name: (lambda f=f: f(local, local_g)) for name, f in steps.items()}
+    unsharded["project_max_norm"] = lambda: nj.project_max_norm(local, 1.0)
+    refs = exchange({name: jax.tree.map(np.asarray, unsharded[name]()) for name in list(unsharded)[pid::2]}, jax.tree.structure(params_np))
+    assert sorted(refs) == sorted(unsharded), sorted(refs)
     specs = {"dense": {"kernel": P("d", None), "bias": P(None)}, "stack": {"kernel": P("d", None, None)}}
     for axis_type in (AxisType.Auto, AxisType.Explicit):
         mesh = jax.make_mesh((8,), ("d",), axis_types=(axis_type,))
@@ -85,6 +91,29 @@ def main() -> None:
             results[f"{axis_type.name} {name}"] = {"err": max(jax.tree.leaves(errs)), "sharding_kept": all(jax.tree.leaves(kept))}
     print(json.dumps(results), flush=True)
     jax.distributed.shutdown()
+
+
+def exchange(mine: dict, treedef) -> dict:
+    """``mine`` (name -> pytree of arrays, all of structure ``treedef``) and the other process's,
+    through files in REFS_DIR."""
+    leaves = {f"{name}|{i}": x for name, tree in mine.items() for i, x in enumerate(jax.tree.leaves(tree))}
+    tmp = refs_dir / f"refs{pid}.tmp.npz"
+    np.savez(tmp, **leaves)
+    tmp.rename(refs_dir / f"refs{pid}.npz")  # atomic: the other process never reads half a file
+    theirs = refs_dir / f"refs{1 - pid}.npz"
+    deadline = time.monotonic() + 600
+    while not theirs.exists():
+        assert time.monotonic() < deadline, f"no {theirs} from the other process"
+        time.sleep(0.05)
+    with np.load(theirs) as z:
+        other = {}
+        for key in z.files:
+            name, i = key.rsplit("|", 1)
+            other.setdefault(name, {})[int(i)] = z[key]
+    out = dict(mine)
+    for name, by_index in other.items():
+        out[name] = jax.tree.unflatten(treedef, [by_index[i] for i in range(len(by_index))])
+    return out
 
 
 EXPLICIT = ("max_norm", "spectral_norm power", "spectral_norm matmul clip")

@@ -4,6 +4,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -22,6 +23,23 @@ def np_band(w, axes, lo, hi, rate=1.0):
     target = rate * np.clip(n, lo, hi) + (1 - rate) * n
     scale = np.where(n > 0, target / np.where(n > 0, n, 1), 1.0)
     return x * scale
+
+@pytest.fixture
+def full_optimization():
+    """XLA's full optimisation for one test, as a user's training step compiles: the root
+    conftest.py turns most of it off for the session (JAX_DISABLE_MOST_OPTIMIZATIONS: compile
+    time), which leaves the HLO alone but changes the machine code LLVM emits. The guarantee
+    tests (test_guarantees.py, test_max_norm.py) run with it, so their bit-for-bit and margin
+    checks hold for the code users run."""
+    from jax._src import compiler  # the flag's current value: jax.config has no getter for it
+
+    old = compiler._DISABLE_MOST_OPTIMIZATIONS.value
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", old)
+
 
 # a subprocess script of test_multiprocess.py (it joins a jax.distributed run at import)
 collect_ignore = ["_multiprocess_worker.py"]

@@ -47,7 +47,9 @@ CERTIFIED = 1 - 1e-7  # a certified bound may not fall below the float64 referen
 # This file compiles ~300 small programs; XLA's CPU backend at optimisation level 0 compiles
 # them ~4x faster (the same operations, only less optimised code). The tests of bit-for-bit
 # claims across a training step (test_transform_bounds_the_convolutions, the sharded step) use
-# the default jit, as a training step does.
+# the default jit, as a training step does. (The root conftest.py now sets
+# JAX_DISABLE_MOST_OPTIMIZATIONS for the whole session, so the default jit is at level 0 too;
+# quick_jit keeps this file's programs at level 0 when run without it.)
 quick_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 

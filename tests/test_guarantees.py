@@ -33,6 +33,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import normjax as nj
+
+# full XLA optimisation, as users compile (tests/conftest.py: full_optimization)
+pytestmark = pytest.mark.usefixtures("full_optimization")
 from normjax import _norms as N
 from normjax._conv import ConvSpec, _fft_error, conv_sigma_fft, conv_sigma_gram, conv_sigma_power, conv_sigma_svd
 

@@ -11,6 +11,9 @@ from conftest import np_band, np_unit_norms
 
 import normjax as nj
 
+# full XLA optimisation, as users compile (tests/conftest.py: full_optimization)
+pytestmark = pytest.mark.usefixtures("full_optimization")
+
 # name -> (shape, default unit axes for axis=None); embeddings are constrained per row with axis=-1.
 SHAPES = {
     "dense": ((12, 7), (0,)),

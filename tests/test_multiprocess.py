@@ -4,8 +4,9 @@
 ``jax.distributed.initialize`` (a local coordinator on the loopback address, gloo CPU
 collectives). Each shards the params over the 8 global devices (auto and explicit axis types),
 runs one step of every transform and ``project_max_norm`` (auto axes; three of them on explicit
-axes), and compares its own shards with the same step on an unsharded local copy; the sharding
-must come back as it went in.
+axes), and compares its own shards with the same step on an unsharded copy (half of these
+references computed by each process, exchanged through files); the sharding must come back as
+it went in.
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_constraints_on_a_two_process_mesh_match_one_process():
+def test_constraints_on_a_two_process_mesh_match_one_process(tmp_path):
     port = str(_free_port())
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     procs = [
-        subprocess.Popen([sys.executable, str(WORKER), str(i), port], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        subprocess.Popen([sys.executable, str(WORKER), str(i), port, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for i in range(2)
     ]
     outs = []
