@@ -47,9 +47,9 @@ CERTIFIED = 1 - 1e-7  # a certified bound may not fall below the float64 referen
 # This file compiles ~300 small programs; XLA's CPU backend at optimisation level 0 compiles
 # them ~4x faster (the same operations, only less optimised code). The tests of bit-for-bit
 # claims across a training step (test_transform_bounds_the_convolutions, the sharded step) use
-# the default jit, as a training step does. (The root conftest.py now sets
-# JAX_DISABLE_MOST_OPTIMIZATIONS for the whole session, so the default jit is at level 0 too;
-# quick_jit keeps this file's programs at level 0 when run without it.)
+# the default jit with full optimisation, as a training step compiles (the full_optimization
+# fixture: the root conftest.py turns most optimisation off for the rest of the session, and
+# quick_jit keeps this file's other programs at level 0 when run without it).
 quick_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
@@ -579,6 +579,7 @@ def _step_fn(tx, jit=jax.jit):
     return step
 
 
+@pytest.mark.usefixtures("full_optimization")
 @pytest.mark.parametrize("estimator", ["svd", "gram", "power"])
 def test_transform_bounds_the_convolutions(estimator):
     params = _net()
@@ -966,6 +967,7 @@ def test_gram_is_never_below_the_true_norm(problem):
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs the 8 CPU devices the root conftest.py fakes")
+@pytest.mark.usefixtures("full_optimization")
 @pytest.mark.parametrize("axis_type", ["auto", "explicit"])
 def test_sharded_kernel_matches_one_device_and_keeps_its_sharding(axis_type):
     t = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}[axis_type]
