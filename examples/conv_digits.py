@@ -106,7 +106,7 @@ L 2.90 and graph certificate 2.89 for (b)).
 
 Run ``python examples/conv_digits.py`` (about 20-25 seconds on a 2-core CPU, most of it
 compilation: the graph certificate's Gram norms alone compile in about 5 seconds, once for both
-models), or add ``--quick`` (or set ``NORMJAX_QUICK=1``) for a smoke run of 100 steps (about 20
+models), or add ``--quick`` (or set ``NORMJAX_QUICK=1``) for a smoke run of 100 steps (about 30
 seconds, almost all of it the same compilation; the checks still run).
 """
 

@@ -44,7 +44,7 @@ from tqdm import tqdm  # noqa: E402
 import normjax as nj  # noqa: E402
 
 # The data and the model, shared with spectral_digits.py (examples/_digits.py, next to this file).
-from _digits import MLP, batches, load_data, parse_args  # noqa: E402
+from _digits import MLP, batches, load_data, new_mlp, parse_args  # noqa: E402
 
 # Chosen by a sweep (learning rates 0.03-0.5, seeds 0-2; every number below is deterministic):
 # this SGD trains the unconstrained MLP at lr <= 0.1 and diverges to NaN at lr >= 0.12, for every
@@ -128,7 +128,7 @@ def worst_spike(losses: np.ndarray) -> float:
 def train(name: str, tx: optax.GradientTransformation, data, steps: int) -> dict:
     """Trains a fresh model (same seed every run) and returns what the table and plot need."""
     (x_train, y_train), test = data
-    model = MLP(SIZES, DROPOUT, rngs=nnx.Rngs(params=SEED, dropout=SEED + 1))
+    model = new_mlp(SIZES, DROPOUT, SEED)
     eval_model = nnx.view(model, deterministic=True)  # shares the weights; dropout off
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 

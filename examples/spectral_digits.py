@@ -86,7 +86,7 @@ from tqdm import tqdm  # noqa: E402
 import normjax as nj  # noqa: E402
 
 # The data and the model, shared with maxnorm_digits.py (examples/_digits.py, next to this file).
-from _digits import MLP, batches, load_data, parse_args, standard_promotion  # noqa: E402
+from _digits import MLP, batches, load_data, new_mlp, parse_args, standard_promotion  # noqa: E402
 
 # Every number below is deterministic. Hidden width 256 rather than the max-norm demo's 512:
 # Gram iteration costs 8 n x n matrix products per kernel and step (n = the smaller side), and
@@ -180,7 +180,7 @@ def make_runs() -> dict[str, optax.GradientTransformation]:
 def train(name: str, tx: optax.GradientTransformation, data, steps: int) -> dict:
     """Trains a fresh model (same seed every run) and returns what the tables and plot need."""
     (x_train, y_train), (x_test, y_test) = data
-    model = MLP(SIZES, 0.0, rngs=nnx.Rngs(params=SEED, dropout=SEED + 1))
+    model = new_mlp(SIZES, 0.0, SEED)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     step_fn = nnx.cached_partial(train_step, model, optimizer)
