@@ -12,7 +12,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # the generated code runs (no test here times anything). Set in os.environ, so that
 # test_multiprocess.py's workers inherit it; tests/test_examples.py turns it off for the
 # examples, which train and so run slower unoptimised than they save compiling, and the
-# guarantee tests (test_guarantees.py, test_max_norm.py) run with full optimisation (the
+# guarantee tests (test_guarantees.py, test_max_norm.py), test_conv.py's training-step tests
+# and the TPU compile checks (test_tpu_aot.py) run with full optimisation (the
 # full_optimization fixture, tests/conftest.py): their checks are about the code users run.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 _flags = os.environ.get("XLA_FLAGS", "")

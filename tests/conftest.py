@@ -29,8 +29,9 @@ def full_optimization():
     """XLA's full optimisation for one test, as a user's training step compiles: the root
     conftest.py turns most of it off for the session (JAX_DISABLE_MOST_OPTIMIZATIONS: compile
     time), which leaves the HLO alone but changes the machine code LLVM emits. The guarantee
-    tests (test_guarantees.py, test_max_norm.py) and test_conv.py's training-step tests run
-    with it, so their bit-for-bit and margin checks hold for the code users run."""
+    tests (test_guarantees.py, test_max_norm.py), test_conv.py's training-step tests and the
+    TPU compile checks (test_tpu_aot.py) run with it, so their bit-for-bit, margin and
+    compiled-program checks hold for the code users run."""
     from jax._src import compiler  # the flag's current value: jax.config has no getter for it
 
     old = compiler._DISABLE_MOST_OPTIMIZATIONS.value

@@ -32,7 +32,9 @@ import re
 
 import pytest
 
-pytestmark = pytest.mark.tpu_aot
+# full XLA optimisation, as users compile: the root conftest.py turns most of it off for the
+# rest of the session (tests/conftest.py: full_optimization)
+pytestmark = [pytest.mark.tpu_aot, pytest.mark.usefixtures("full_optimization")]
 
 
 def libtpu_path() -> str | None:
