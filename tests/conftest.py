@@ -24,6 +24,7 @@ def np_band(w, axes, lo, hi, rate=1.0):
     scale = np.where(n > 0, target / np.where(n > 0, n, 1), 1.0)
     return x * scale
 
+
 @pytest.fixture
 def full_optimization():
     """XLA's full optimisation for one test, as a user's training step compiles: the root
@@ -31,7 +32,12 @@ def full_optimization():
     time), which leaves the HLO alone but changes the machine code LLVM emits. The guarantee
     tests (test_guarantees.py, test_max_norm.py), test_conv.py's training-step tests and the
     TPU compile checks (test_tpu_aot.py) run with it, so their bit-for-bit, margin and
-    compiled-program checks hold for the code users run."""
+    compiled-program checks hold for the code users run.
+
+    The flag is not part of jax's jit cache key: a library function called eagerly with the
+    same shapes by an earlier, unoptimised test keeps that executable here. The programs these
+    tests build themselves (their jitted steps) compile fresh. Clearing the caches on every
+    switch made test_guarantees.py and test_max_norm.py take twice as long (67 -> 133 s)."""
     from jax._src import compiler  # the flag's current value: jax.config has no getter for it
 
     old = compiler._DISABLE_MOST_OPTIMIZATIONS.value
