@@ -810,19 +810,72 @@ def sigma_power(
 def _sigma_power_body(w: jax.Array, u: jax.Array, d: Any, num_iters: int) -> tuple[jax.Array, jax.Array]:
     acc = acc_dtype(w.dtype)
     x = w.astype(acc)
-
-    def scaled(_):  # every matrix divided by the power of two of its largest entry: exact
-        e = exponent_of_max(x, axes=d.rows + d.cols, keepdims=True)
-        xs = ldexp(x, -e)
-        sigma, v = power_loop(lambda u: _matvec(xs, u, d), lambda v: _rmatvec(xs, v, d), u, len(d.batch), num_iters, acc)
-        return ldexp(sigma, _matrix_exponent(x, d)), v
-
     # The hot path iterates on the leaf as it is (one read of it per product, as before the
     # scaling existed). Only when some sigma leaves [2**-60, 2**60], where a sum of squares
     # of W u could over- or underflow, is the step redone on the scaled matrices.
     sigma, v = power_loop(lambda u: _matvec(x, u, d), lambda v: _rmatvec(x, v, d), u, len(d.batch), num_iters, acc)
     safe = jnp.all((sigma >= 2.0**-60) & (sigma <= 2.0**60))
-    return jax.lax.cond(safe, lambda _: (sigma, v), scaled, None)
+    return jax.lax.cond(safe, lambda _: (sigma, v), lambda _: _power_scaled(x, u, d, num_iters), None)
+
+
+def _power_scaled(x: jax.Array, u: jax.Array, d: Any, num_iters: int) -> tuple[jax.Array, jax.Array]:
+    """The power iteration on every matrix of ``x`` divided by the power of two of its largest
+    entry (exact), the estimate multiplied back: :func:`sigma_power`'s rare branch."""
+    acc = x.dtype
+    e = exponent_of_max(x, axes=d.rows + d.cols, keepdims=True)
+    xs = ldexp(x, -e)
+    sigma, v = power_loop(lambda u: _matvec(xs, u, d), lambda v: _rmatvec(xs, v, d), u, len(d.batch), num_iters, acc)
+    return ldexp(sigma, _matrix_exponent(x, d)), v
+
+
+def sigma_power_of_sum(
+    p: jax.Array, u: jax.Array, vec: jax.Array, *, num_iters: int = 1, dims: Any = None
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`sigma_power` of ``p + u`` (``u`` cast to ``p``'s dtype, as ``optax.apply_updates``
+    adds them): what :func:`spectral_norm`'s power estimator runs on every training step.
+
+    On CPU, for a float32/float64 leaf, each product is taken on ``p`` and ``u`` apart,
+    :math:`(P + U) x = P x + U x`, so the sum is never written to memory: XLA:CPU does not fuse
+    an elementwise producer into a dot, and the materialised sum cost one write and two more
+    reads per step (benchmarks/RESULTS.md, "Performance and scale"). The estimate is then that
+    of the unrounded sum, within a float32 rounding of the matrix (``2**-24`` relative per
+    entry) of :func:`sigma_power` on the rounded one. Other backends, other dtypes (a bfloat16
+    sum would differ by its own rounding) and the rare rescaled branch (some estimate outside
+    ``[2**-60, 2**60]``) take :func:`sigma_power` of the rounded sum itself.
+    """
+    p, u = jnp.asarray(p), jnp.asarray(u)
+    d = _dims(p, dims, "sigma_power")
+    acc = acc_dtype(p.dtype)
+
+    def rounded(p, u, vec):
+        return sigma_power(p + u.astype(p.dtype), vec, num_iters=int(num_iters), dims=d)
+
+    if _empty_view(p, d) or p.dtype != acc or u.dtype != acc:
+        return rounded(p, u, vec)
+
+    def cpu(p, u, vec):
+        return auto_where_explicit(
+            lambda p, u, vec: _sigma_power_sum_body(p, u, vec, d, int(num_iters)),
+            (p, u, vec),
+            lambda: (batch_spec(p, d.batch), like(vec)),
+        )
+
+    return jax.lax.platform_dependent(p, u, vec, cpu=cpu, default=rounded)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))  # traced and lowered once per shape and view
+def _sigma_power_sum_body(p: jax.Array, u: jax.Array, vec: jax.Array, d: Any, num_iters: int) -> tuple[jax.Array, jax.Array]:
+    acc = acc_dtype(p.dtype)
+    sigma, v = power_loop(
+        lambda z: _matvec(p, z, d) + _matvec(u, z, d),
+        lambda z: _rmatvec(p, z, d) + _rmatvec(u, z, d),
+        vec,
+        len(d.batch),
+        num_iters,
+        acc,
+    )
+    safe = jnp.all((sigma >= 2.0**-60) & (sigma <= 2.0**60))
+    return jax.lax.cond(safe, lambda p, u: (sigma, v), lambda p, u: _power_scaled(p + u, vec, d, num_iters), p, u)
 
 
 def power_loop(apply, apply_t, u: jax.Array, nb: int, num_iters: int, acc: Any) -> tuple[jax.Array, jax.Array]:

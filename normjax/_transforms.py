@@ -474,7 +474,7 @@ def spectral_norm(
             ok = runtime_valid(max_value=c)
             cc = lambda s: jnp.asarray(c, s.dtype)
             if mode in ("rescale", "normalize"):
-                sigma, new_u = view.sigma(w, estimator, iters, old[0][i] if estimator == "power" else None)
+                sigma, new_u = view.sigma_of_sum(p, u, estimator, iters, old[0][i] if estimator == "power" else None)
                 scale, _ = spectral_scale(sigma, c, mode)
                 scale = poison(scale, ok)
                 new_u = EMPTY if new_u is None else new_u.astype(old[0][i].dtype)

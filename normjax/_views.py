@@ -44,6 +44,7 @@ from normjax._norms import (
     init_power_vector,
     sigma_gram,
     sigma_power,
+    sigma_power_of_sum,
     sigma_svd,
 )
 from normjax._polar import hammer_leaf, matmul_leaf, orthogonalize_svd
@@ -113,6 +114,13 @@ class MatrixView:
             return sigma_gram(w, num_iters=num_iters, dims=self.dims), None
         return sigma_svd(w, dims=self.dims), None
 
+    def sigma_of_sum(self, p: jax.Array, u: jax.Array, estimator: str, num_iters: int, vec: jax.Array | None = None):
+        """:meth:`sigma` of ``p + u`` as ``optax.apply_updates`` rounds it (power: without
+        writing the sum on CPU, :func:`sigma_power_of_sum`)."""
+        if estimator == "power":
+            return sigma_power_of_sum(p, u, vec, num_iters=num_iters, dims=self.dims)
+        return self.sigma(p + u.astype(p.dtype), estimator, num_iters, vec)
+
     def init_vector(self, key: jax.Array, w: jax.Array, num_iters: int) -> jax.Array:
         return sigma_power(w, init_power_vector(key, w, self.dims), num_iters=num_iters, dims=self.dims)[1]
 
@@ -171,6 +179,9 @@ class ConvView:
         if estimator == "gram":
             return conv_sigma_gram(w, self.conv, num_iters=num_iters), None
         return conv_sigma_svd(w, self.conv), None
+
+    def sigma_of_sum(self, p: jax.Array, u: jax.Array, estimator: str, num_iters: int, vec: jax.Array | None = None):
+        return self.sigma(p + u.astype(p.dtype), estimator, num_iters, vec)
 
     def init_vector(self, key: jax.Array, w: jax.Array, num_iters: int) -> jax.Array:
         return conv_sigma_power(w, init_conv_power_vector(key, w, self.conv), self.conv, num_iters=num_iters)[1]
