@@ -57,19 +57,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def transforms():
-    """name -> (tx, after) where ``after(params)`` runs after apply_updates (or None)."""
+def transforms(stacked: bool = False):
+    """name -> (tx, after) where ``after(params)`` runs after apply_updates (or None).
+
+    ``stacked``: the same steps for a scan-stacked tree of ``(L, in, out)`` kernels (one unit
+    per layer and output, one sigma per layer)."""
     import optax
 
     import normjax as nj
 
+    unit = {"axis": -2} if stacked else {}
+    dims = {"dims": nj.MatrixDims(in_axes=-2, out_axes=-1)} if stacked else {}
     return {
         "adam": (optax.adam(LR), None),
         "chain(clip_by_global_norm(1), adam)": (optax.chain(optax.clip_by_global_norm(1.0), optax.adam(LR)), None),
-        "chain(adam, nj.max_norm(3))": (optax.chain(optax.adam(LR), nj.max_norm(3.0)), None),
-        "adam, then nj.project_max_norm(3)": (optax.adam(LR), lambda p: nj.project_max_norm(p, 3.0)),
-        "chain(adam, nj.spectral_norm(1)) (power, 1 it.)": (optax.chain(optax.adam(LR), nj.spectral_norm(1.0, num_iters=1)), None),
+        "chain(adam, nj.max_norm(3))": (optax.chain(optax.adam(LR), nj.max_norm(3.0, **unit)), None),
+        "adam, then nj.project_max_norm(3)": (optax.adam(LR), lambda p: nj.project_max_norm(p, 3.0, **unit)),
+        "chain(adam, nj.spectral_norm(1)) (power, 1 it.)": (optax.chain(optax.adam(LR), nj.spectral_norm(1.0, num_iters=1, **dims)), None),
     }
+
+
+def stacked_tree(nlayers: int, d: int):
+    """The GPT-2 blocks' leaves stacked for ``scan``: ``{layer: {kernel: (L, in, out), bias: (L, out)}}``."""
+    import jax
+    import jax.numpy as jnp
+
+    import bench_maxnorm as M
+
+    s = jax.ShapeDtypeStruct
+    return {n: {"kernel": s((nlayers, *sh), jnp.float32), "bias": s((nlayers, sh[1]), jnp.float32)} for n, sh in M.block_shapes(d).items()}
 
 
 def make_step(tx, after):
@@ -140,14 +156,16 @@ def compile_times(args):
     import bench_maxnorm as M
 
     out = {}
-    for nb in [int(b) for b in args.compile_blocks.split(",")]:
-        abstract = M.abstract_tree(nb, 128 if args.quick else 768)
-        for name, (tx, after) in transforms().items():
-            state = jax.eval_shape(tx.init, abstract)
-            t0 = time.perf_counter()
-            jax.jit(make_step(tx, after), donate_argnums=(0, 1)).lower(abstract, state, abstract).compile()
-            out[(nb, name)] = time.perf_counter() - t0
-            log(f"compile {nb} blocks {name}: {out[(nb, name)]:.1f} s")
+    d = 128 if args.quick else 768
+    for stacked in (False, True):
+        for nb in [int(b) for b in args.compile_blocks.split(",")]:
+            abstract = stacked_tree(nb, d) if stacked else M.abstract_tree(nb, d)
+            for name, (tx, after) in transforms(stacked).items():
+                state = jax.eval_shape(tx.init, abstract)
+                t0 = time.perf_counter()
+                jax.jit(make_step(tx, after), donate_argnums=(0, 1)).lower(abstract, state, abstract).compile()
+                out[(stacked, nb, name)] = time.perf_counter() - t0
+                log(f"compile {nb} blocks stacked={stacked} {name}: {out[(stacked, nb, name)]:.1f} s")
     return out
 
 
@@ -184,15 +202,22 @@ def report(args, info, runners, samples, n_params, comp, load0, load1) -> str:
         rows.append([f"`{name}`", f"{r.bytes / 1e6:.0f}", f"{r.bytes / base.bytes:.2f}", f"{r.temp / 1e6:.1f}", r.fusions])
     lines.append(C.md_table(["step", "bytes accessed (MB, cost model)", "÷ adam", "temp MB (memory_analysis)", "fusions"], rows) + "\n")
     lines.append("### 3. Compile time (`jax.jit(step, donate_argnums=(0, 1)).lower(*abstract).compile()`, seconds)\n")
-    blocks = sorted({nb for nb, _ in comp})
+    lines.append(
+        "One leaf per block and layer (`h{b}/{layer}/kernel`, as in 1 and 2), and the same blocks "
+        "stacked for `scan` (`{layer}/kernel` of shape `(L, in, out)`; `max_norm(axis=-2)`, "
+        "`spectral_norm(dims=MatrixDims(-2, -1))`).\n"
+    )
+    blocks = sorted({nb for _, nb, _ in comp})
     rows = []
     for name in names:
         row = [f"`{name}`"]
-        for nb in blocks:
-            t = comp[(nb, name)]
-            row.append(f"{t:.1f}" + ("" if name == "adam" else f" ({t / comp[(nb, 'adam')]:.2f}x)"))
+        for stacked in (False, True):
+            for nb in blocks:
+                t = comp[(stacked, nb, name)]
+                row.append(f"{t:.1f}" + ("" if name == "adam" else f" ({t / comp[(stacked, nb, 'adam')]:.2f}x)"))
         rows.append(row)
-    lines.append(C.md_table(["step", *[f"{nb} blocks" for nb in blocks]], rows) + "\n")
+    heads = [f"{nb} blocks" for nb in blocks] + [f"{nb} layers stacked" for nb in blocks]
+    lines.append(C.md_table(["step", *heads], rows) + "\n")
     return "\n".join(lines)
 
 
