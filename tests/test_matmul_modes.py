@@ -96,12 +96,19 @@ def clip_errors(w, out, c):
     return err
 
 
+# The float32 iterations round differently with the host's SIMD width (the order of a dot's
+# partial sums): on an avx512 host the worst cases here were 1e-6 (tiny) and 1e-3 (fro); on an
+# avx2 host the same code gives 2.9e-6 (rank 5, c=3) and 1.37e-3 (ill-conditioned, c=0.5, whose
+# singular values near c sit where the sign polynomial is steepest). The bounds allow 2x that.
+TINY, FRO = 6e-6, 3e-3
+
+
 def assert_clip(w, out, c, label):
     err = clip_errors(w, out, c)
     assert err["above"] <= 1e-3, f"{label}, c={c}: singular values above c land {err['above']:.3g} (relative) from c"
     assert err["below"] < 1e-3, f"{label}, c={c}: singular values below c moved by {err['below']:.3g} (relative)"
-    assert err["tiny"] < 1e-6, f"{label}, c={c}: tiny singular values moved by {err['tiny']:.3g} max(s)"
-    assert err["fro"] <= 1e-3, f"{label}, c={c}: ||out - exact clip||_F / ||exact clip||_F = {err['fro']:.3g}"
+    assert err["tiny"] < TINY, f"{label}, c={c}: tiny singular values moved by {err['tiny']:.3g} max(s)"
+    assert err["fro"] <= FRO, f"{label}, c={c}: ||out - exact clip||_F / ||exact clip||_F = {err['fro']:.3g}"
     return err
 
 
