@@ -115,8 +115,9 @@ class MatrixView:
         return sigma_svd(w, dims=self.dims), None
 
     def sigma_of_sum(self, p: jax.Array, u: jax.Array, estimator: str, num_iters: int, vec: jax.Array | None = None):
-        """:meth:`sigma` of ``p + u`` as ``optax.apply_updates`` rounds it (power: without
-        writing the sum on CPU, :func:`sigma_power_of_sum`)."""
+        """:meth:`sigma` of ``p + u`` as ``optax.apply_updates`` rounds it; the power estimator
+        on a float32/float64 leaf on CPU takes the unrounded sum, its products on ``p`` and ``u``
+        apart (:func:`sigma_power_of_sum`)."""
         if estimator == "power":
             return sigma_power_of_sum(p, u, vec, num_iters=num_iters, dims=self.dims)
         return self.sigma(p + u.astype(p.dtype), estimator, num_iters, vec)
