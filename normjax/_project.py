@@ -9,41 +9,56 @@ import jax.numpy as jnp
 import numpy as np
 
 from normjax._checks import SPECTRAL_MODES, check_min_max, check_scalar, choice, poison, positive_int, runtime_valid
-from normjax._norms import acc_dtype, apply_scale, band_scale, scaled_update, spectral_scale, unit_norms
+from normjax._norms import Split, acc_dtype, apply_scale, band_scale, scaled_update, spectral_scale, unit_norms
 from normjax._select import Axis, PyTree, Where
+from normjax._shard import spec_of
 from normjax._views import View, leaf_views
 
 
-def _scaled_leaf(w: jax.Array, scale: jax.Array) -> jax.Array:
-    """:func:`apply_scale` of one leaf; on CPU behind a ``cond`` that returns the leaf as it is
-    when no factor moves it (a trained model's usual step), with no pass over it.
+def _scaled_leaf(w: jax.Array, scales: jax.Array, j: int) -> jax.Array:
+    """:func:`apply_scale` of one leaf by its factors ``scales[j]`` (``scales``: the factors of
+    its group of same-shaped leaves, stacked); on CPU behind a ``cond`` that returns the leaf as
+    it is when no factor moves it (a trained model's usual step), with no pass over it.
 
     Adam then this projection on the GPT-2-small tree (85M float32 parameters, donated): 3.44x
     Adam's step with the select alone, 1.46x with the cond (``benchmarks/RESULTS.md``). The
     identity is the cond's false branch on purpose: as the true one, XLA:CPU copies the leaf
-    into the cond's result. TPU keeps the select: its cost model charges the cond form more
-    bytes when the step is donated (1017.8 against 900.7 MiB on the issue's tree).
+    into the cond's result. The stacked factors enter the cond whole and are sliced inside, so
+    XLA does not fuse a copy of the group's per-unit arithmetic into each leaf. TPU keeps the
+    select: its cost model charges the cond form more bytes when the step is donated (1017.8
+    against 900.7 MiB on the issue's tree).
     """
 
-    def cpu(w, scale):
-        return jax.lax.cond(jnp.any(scale != 1), apply_scale, lambda w, s: w, w, scale)
+    def cpu(w, scales):
+        return jax.lax.cond(jnp.any(scales[j] != 1), lambda w, s: apply_scale(w, s[j]), lambda w, s: w, w, scales)
 
-    return jax.lax.platform_dependent(w, scale, cpu=cpu, default=apply_scale)
+    return jax.lax.platform_dependent(w, scales, cpu=cpu, default=lambda w, s: apply_scale(w, s[j]))
 
 
 def _map_units(
     params: PyTree, name: str, bounds: tuple[Any, Any, Any], *, where: Where, axis: Axis, views: PyTree | None
 ) -> PyTree:
-    """Every selected leaf's units moved into the band ``bounds = (min_value, max_value, rate)``."""
+    """Every selected leaf's units moved into the band ``bounds = (min_value, max_value, rate)``.
+
+    Leaves of one shape, dtype, unit axes and sharding (a model's repeated blocks) form a group:
+    each leaf's norms are its own reduction, the per-unit factors (:func:`band_scale`) are
+    computed once for the group's stacked norms, as the transforms do."""
     treedef, leaves = leaf_views(params, name, where=where, views=views, axis=axis)
     ok = runtime_valid(*bounds)
-
-    def one(w, view):
-        w = jnp.asarray(w)
-        scale, _ = band_scale(unit_norms(w, view.unit_axes, split=True), *bounds)
-        return _scaled_leaf(w, poison(scale, ok))
-
-    return treedef.unflatten([v if view is None else one(v, view) for _, v, view in leaves])
+    out = [v for _, v, _ in leaves]
+    groups: dict[Any, list[int]] = {}
+    for i, (_, v, view) in enumerate(leaves):
+        if view is not None:
+            w = jnp.asarray(v)
+            groups.setdefault((w.shape, w.dtype, view.unit_axes, spec_of(w)), []).append(i)
+    for idx in groups.values():
+        ws = [jnp.asarray(leaves[i][1]) for i in idx]
+        norms = [unit_norms(w, leaves[idx[0]][2].unit_axes, split=True) for w in ws]
+        stacked = Split(jnp.stack([n.mant for n in norms]), jnp.stack([n.exp for n in norms]))
+        scales = poison(band_scale(stacked, *bounds)[0], ok)
+        for j, i in enumerate(idx):
+            out[i] = _scaled_leaf(ws[j], scales, j)
+    return treedef.unflatten(out)
 
 
 def project_max_norm(

@@ -190,5 +190,28 @@ def test_cpu_projection_of_a_leaf_inside_makes_no_copy_of_it():
     np.testing.assert_array_equal(out[:, 1:], params["k"][:, 1:])
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("fn", ["max", "unit", "min_max"])
+def test_grouped_projection_equals_leaf_by_leaf(dtype, fn):
+    """Same-shaped leaves share their per-unit factors' computation (one group): each must come
+    back bit for bit as projected alone, whether the group's other leaves move or not."""
+    proj = {
+        "max": lambda t: nj.project_max_norm(t, 1.0),
+        "unit": nj.project_unit_norm,
+        "min_max": lambda t: nj.project_min_max_norm(t, 0.5, 1.0, rate=0.5),
+    }[fn]
+    base = _data((6, 4), jnp.float32, seed=11)
+    tree = {
+        "k0": (base * 100).astype(dtype),   # shrunk 100x
+        "k1": (base * 1.5).astype(dtype),   # mildly
+        "k2": (base * 0.01).astype(dtype),  # inside (max-norm), grown (unit / min-max)
+        "k3": _data((5, 4), jnp.float32, seed=12).astype(dtype),  # another shape: its own group
+    }
+    together = jax.jit(proj)(tree)
+    for k, leaf in tree.items():
+        alone = jax.jit(proj)({k: leaf})[k]
+        np.testing.assert_array_equal(np.asarray(together[k], np.float32), np.asarray(alone, np.float32), err_msg=k)
+
+
 if __name__ == "__main__":
     pytest.main([__file__])
