@@ -132,6 +132,11 @@ class Split(NamedTuple):
     def value(self) -> jax.Array:
         return ldexp(self.mant, self.exp)
 
+    @staticmethod
+    def stack(parts: list) -> "Split":
+        """The norms of several same-shaped leaves stacked on a new leading axis (a group)."""
+        return Split(jnp.stack([n.mant for n in parts]), jnp.stack([n.exp for n in parts]))
+
 
 def _normalise(n: Any) -> tuple[jax.Array, jax.Array]:
     """``(m, e)`` with ``n = m * 2**e`` and ``m`` in ``[1, 2)``, or ``m`` 0 / inf / NaN (``e`` 0).
